@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""Draw SOLOv2 predictions with Detectron2's Visualizer.
+
+    python demo.py --config-file configs/SOLOv2_R50_3x.yaml --input images/ --output vis/ \
+        --opts MODEL.WEIGHTS model.pth MODEL.DEVICE cpu
+
+--input takes files, folders and glob patterns. Unreadable files are reported and skipped.
+"""
+import argparse
+import glob
+import logging
+import os
+import sys
+
+from detectron2.config import get_cfg
+from detectron2.data import MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.engine import DefaultPredictor
+from detectron2.utils.logger import setup_logger
+from detectron2.utils.visualizer import ColorMode, Visualizer
+
+from solov2_d2 import add_solov2_config
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+logger = logging.getLogger("solov2_d2.demo")
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description="SOLOv2 demo: draw predicted instance masks")
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="path to config file")
+    parser.add_argument(
+        "--input", nargs="+", required=True, help="image files, folders or glob patterns"
+    )
+    parser.add_argument(
+        "--output", required=True, help="a folder for the PNGs (or a .png path for one input)"
+    )
+    parser.add_argument(
+        "--confidence-threshold", type=float, default=0.3, help="minimum score to draw"
+    )
+    parser.add_argument(
+        "--opts", default=[], nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs"
+    )
+    return parser
+
+
+def setup_cfg(args):
+    cfg = get_cfg()
+    add_solov2_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    return cfg
+
+
+def expand_inputs(patterns):
+    """Files, folders (their images, sorted) and glob patterns -> a list of paths."""
+    paths = []
+    for pattern in patterns:
+        if os.path.isdir(pattern):
+            paths += sorted(
+                os.path.join(pattern, name)
+                for name in os.listdir(pattern)
+                if name.lower().endswith(IMAGE_EXTENSIONS)
+            )
+        elif any(ch in pattern for ch in "*?["):
+            paths += sorted(glob.glob(pattern))
+        else:
+            paths.append(pattern)
+    return paths
+
+
+def output_path(args, path, num_inputs):
+    if args.output.lower().endswith(".png") and num_inputs == 1:
+        return args.output
+    os.makedirs(args.output, exist_ok=True)
+    return os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".png")
+
+
+def draw(predictor, metadata, image_bgr, confidence_threshold):
+    instances = predictor(image_bgr)["instances"].to("cpu")
+    instances = instances[instances.scores >= confidence_threshold]
+    visualizer = Visualizer(image_bgr[:, :, ::-1], metadata, instance_mode=ColorMode.IMAGE)
+    return visualizer.draw_instance_predictions(instances), len(instances)
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    setup_logger(name="solov2_d2")
+    cfg = setup_cfg(args)
+    metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
+    predictor = DefaultPredictor(cfg)
+
+    paths = expand_inputs(args.input)
+    if not paths:
+        logger.error("no input images found for %s", args.input)
+        return 1
+    written, failed = 0, []
+    for path in paths:
+        try:
+            image = read_image(path, format=cfg.INPUT.FORMAT)
+        except Exception as error:  # unreadable / missing / corrupt: report and go on
+            logger.error("skipping %s: cannot read it as an image (%s)", path, error)
+            failed.append(path)
+            continue
+        vis, count = draw(predictor, metadata, image, args.confidence_threshold)
+        target = output_path(args, path, len(paths))
+        vis.save(target)
+        logger.info("%s: %d instances -> %s", path, count, target)
+        written += 1
+    logger.info("%d images written, %d skipped", written, len(failed))
+    return 0 if written else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

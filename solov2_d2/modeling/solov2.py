@@ -1,0 +1,268 @@
+"""The SOLOv2 META_ARCHITECTURE: image -> ResNet-FPN -> kernel head + mask-feature head ->
+(training) center-region targets + focal/dice losses, or (inference) Matrix NMS -> ``Instances``.
+"""
+from typing import Dict, List
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.structures import BitMasks, ImageList, Instances, PolygonMasks
+from torch import nn
+
+from .kernel_head import SOLOv2KernelHead, instance_level_features
+from .losses import solov2_losses
+from .mask_feature_head import SOLOv2MaskFeatureHead
+from .postprocess import InferenceParams, point_nms, postprocess_single_image
+from .target_assigner import assign_targets_single_image
+
+__all__ = ["SOLOv2"]
+
+
+def _check_config(cfg):
+    """Options that exist in the config (for AdelaiDet compatibility) but are not implemented
+    here fail loudly instead of being silently ignored."""
+    sol = cfg.MODEL.SOLOV2
+    if sol.USE_DCN_IN_INSTANCE:
+        raise NotImplementedError(
+            "MODEL.SOLOV2.USE_DCN_IN_INSTANCE=True (deformable convs in the kernel head) is not "
+            "implemented in solov2_d2; set it to False."
+        )
+    if not sol.LOSS.FOCAL_USE_SIGMOID:
+        raise NotImplementedError("MODEL.SOLOV2.LOSS.FOCAL_USE_SIGMOID=False is not implemented.")
+    if sol.NMS_TYPE not in ("matrix", "mask"):
+        raise ValueError("MODEL.SOLOV2.NMS_TYPE must be 'matrix' or 'mask', got " + sol.NMS_TYPE)
+    if sol.NMS_KERNEL not in ("gaussian", "linear"):
+        raise ValueError(
+            "MODEL.SOLOV2.NMS_KERNEL must be 'gaussian' or 'linear', got " + sol.NMS_KERNEL
+        )
+    if sol.NUM_KERNELS != sol.NUM_MASKS:
+        raise ValueError(
+            "MODEL.SOLOV2.NUM_KERNELS ({}) must equal NUM_MASKS ({}): the dynamic kernels are 1x1 "
+            "convolutions over the mask feature".format(sol.NUM_KERNELS, sol.NUM_MASKS)
+        )
+    num_levels = len(sol.INSTANCE_IN_FEATURES)
+    for key in ("FPN_INSTANCE_STRIDES", "FPN_SCALE_RANGES", "NUM_GRIDS"):
+        if len(sol[key]) != num_levels:
+            raise ValueError(
+                "MODEL.SOLOV2.{} has {} entries but INSTANCE_IN_FEATURES has {}".format(
+                    key, len(sol[key]), num_levels
+                )
+            )
+
+
+@META_ARCH_REGISTRY.register()
+class SOLOv2(nn.Module):
+    """SOLOv2: Dynamic and Fast Instance Segmentation (Wang et al., NeurIPS 2020)."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        kernel_head: nn.Module,
+        mask_head: nn.Module,
+        instance_in_features: List[str],
+        mask_in_features: List[str],
+        instance_strides: List[int],
+        scale_ranges: List[List[float]],
+        num_grids: List[int],
+        sigma: float,
+        num_classes: int,
+        focal_alpha: float,
+        focal_gamma: float,
+        focal_weight: float,
+        dice_weight: float,
+        inference_params: InferenceParams,
+        pixel_mean: List[float],
+        pixel_std: List[float],
+    ):
+        super().__init__()
+        self.backbone = backbone
+        # "ins_head"/"mask_head" are the official module names: their checkpoints load as is.
+        self.ins_head = kernel_head
+        self.mask_head = mask_head
+        self.instance_in_features = list(instance_in_features)
+        self.mask_in_features = list(mask_in_features)
+        self.instance_strides = list(instance_strides)
+        self.scale_ranges = [tuple(r) for r in scale_ranges]
+        self.num_grids = list(num_grids)
+        self.sigma = sigma
+        self.num_classes = num_classes
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.focal_weight = focal_weight
+        self.dice_weight = dice_weight
+        self.inference_params = inference_params
+        # Non-persistent: they are config, not weights (and official checkpoints lack them).
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        # The instance stride of every grid cell, all levels concatenated.
+        self.register_buffer(
+            "cell_strides",
+            torch.cat(
+                [
+                    torch.full((s * s,), float(stride))
+                    for s, stride in zip(self.num_grids, self.instance_strides)
+                ]
+            ),
+            False,
+        )
+
+    @classmethod
+    def from_config(cls, cfg):
+        _check_config(cfg)
+        sol = cfg.MODEL.SOLOV2
+        return {
+            "backbone": build_backbone(cfg),
+            "kernel_head": SOLOv2KernelHead(cfg),
+            "mask_head": SOLOv2MaskFeatureHead(cfg),
+            "instance_in_features": sol.INSTANCE_IN_FEATURES,
+            "mask_in_features": sol.MASK_IN_FEATURES,
+            "instance_strides": sol.FPN_INSTANCE_STRIDES,
+            "scale_ranges": sol.FPN_SCALE_RANGES,
+            "num_grids": sol.NUM_GRIDS,
+            "sigma": sol.SIGMA,
+            "num_classes": sol.NUM_CLASSES,
+            "focal_alpha": sol.LOSS.FOCAL_ALPHA,
+            "focal_gamma": sol.LOSS.FOCAL_GAMMA,
+            "focal_weight": sol.LOSS.FOCAL_WEIGHT,
+            "dice_weight": sol.LOSS.DICE_WEIGHT,
+            "inference_params": InferenceParams(
+                score_threshold=sol.SCORE_THR,
+                mask_threshold=sol.MASK_THR,
+                nms_pre=sol.NMS_PRE,
+                update_threshold=sol.UPDATE_THR,
+                max_per_image=sol.MAX_PER_IMG,
+                nms_type=sol.NMS_TYPE,
+                nms_kernel=sol.NMS_KERNEL,
+                nms_sigma=float(sol.NMS_SIGMA),
+                mask_nms_iou_threshold=sol.MASK_NMS_IOU_THR,
+            ),
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+        }
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
+        images = [
+            (x["image"].to(self.device, non_blocking=True).float() - self.pixel_mean)
+            / self.pixel_std
+            for x in batched_inputs
+        ]
+        return ImageList.from_tensors(images, self.backbone.size_divisibility)
+
+    def forward(self, batched_inputs: List[Dict]):
+        """
+        Args:
+            batched_inputs: Detectron2's list of dicts: "image" (C, H, W) in the config's
+                INPUT.FORMAT, "instances" (training) with gt_classes, gt_boxes and gt_masks
+                (PolygonMasks or BitMasks), and optional "height"/"width" for the output size.
+
+        Returns:
+            training: dict of losses; inference: list of {"instances": Instances} with
+            pred_masks (bool), pred_boxes (tight boxes of the masks), scores, pred_classes.
+        """
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        category_logits, kernel_preds = self.ins_head(
+            instance_level_features([features[f] for f in self.instance_in_features])
+        )
+        mask_feature = self.mask_head([features[f] for f in self.mask_in_features])
+
+        if self.training:
+            gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+            return self.losses(category_logits, kernel_preds, mask_feature, gt_instances, images)
+        return self.inference(category_logits, kernel_preds, mask_feature, images, batched_inputs)
+
+    # ------------------------------------------------------------------------------ training
+    def losses(self, category_logits, kernel_preds, mask_feature, gt_instances, images):
+        padded_size = tuple(images.tensor.shape[-2:])
+        category_targets, mask_logits, mask_targets = [], [], []
+        for i, instances in enumerate(gt_instances):
+            targets = assign_targets_single_image(
+                _bitmasks(instances),
+                instances.gt_boxes.tensor,
+                instances.gt_classes,
+                padded_size,
+                self.num_grids,
+                self.scale_ranges,
+                self.sigma,
+                self.num_classes,
+            )
+            category_targets.append(torch.cat(targets.category_targets))
+            # Kernels of the positive cells, all levels, then M = G * F as one matmul.
+            kernels = torch.cat(
+                [
+                    level_kernels[i].flatten(1).t()[cells]
+                    for level_kernels, cells in zip(kernel_preds, targets.positive_cells)
+                ]
+            )
+            num_masks, feat_h, feat_w = mask_feature.shape[1:]
+            mask_logits.append(
+                (kernels @ mask_feature[i].view(num_masks, -1)).view(-1, feat_h, feat_w)
+            )
+            mask_targets.append(targets.mask_targets[torch.cat(targets.positive_instances)])
+
+        # (N, C, S, S) per level -> (N * sum S^2, C), in the same image-major, level, cell order.
+        flat_logits = torch.cat(
+            [
+                torch.cat([level[i].flatten(1).t() for level in category_logits])
+                for i in range(len(gt_instances))
+            ]
+        )
+        return solov2_losses(
+            flat_logits,
+            torch.cat(category_targets),
+            torch.cat(mask_logits),
+            torch.cat(mask_targets),
+            num_classes=self.num_classes,
+            focal_alpha=self.focal_alpha,
+            focal_gamma=self.focal_gamma,
+            focal_weight=self.focal_weight,
+            dice_weight=self.dice_weight,
+        )
+
+    # ----------------------------------------------------------------------------- inference
+    def inference(self, category_logits, kernel_preds, mask_feature, images, batched_inputs):
+        category_scores = torch.cat(
+            [point_nms(level.sigmoid()).flatten(2) for level in category_logits], dim=2
+        )  # (N, C, num_cells)
+        kernels = torch.cat([level.flatten(2) for level in kernel_preds], dim=2)  # (N, E, cells)
+        results = []
+        for i, (image_size, inputs) in enumerate(zip(images.image_sizes, batched_inputs)):
+            output_size = (
+                int(inputs.get("height", image_size[0])),
+                int(inputs.get("width", image_size[1])),
+            )
+            instances = postprocess_single_image(
+                category_scores[i].t(),
+                kernels[i].t(),
+                mask_feature[i],
+                self.cell_strides,
+                tuple(image_size),
+                output_size,
+                self.inference_params,
+            )
+            results.append({"instances": instances})
+        return results
+
+
+def _bitmasks(instances: Instances) -> torch.Tensor:
+    """The (K, h, w) bool masks of the ground truth, whatever format the mapper produced."""
+    h, w = instances.image_size
+    if not instances.has("gt_masks"):
+        if len(instances) == 0:
+            return torch.zeros((0, h, w), dtype=torch.bool, device=instances.gt_classes.device)
+        raise ValueError(
+            "SOLOv2 needs instance masks: the dataset mapper produced instances without gt_masks "
+            "(is MODEL.MASK_ON / the dataset's 'segmentation' field missing?)"
+        )
+    masks = instances.gt_masks
+    if isinstance(masks, PolygonMasks):
+        masks = BitMasks.from_polygon_masks(masks, h, w)
+    if isinstance(masks, BitMasks):
+        masks = masks.tensor
+    return masks.to(device=instances.gt_classes.device, dtype=torch.bool)

@@ -1,0 +1,80 @@
+#!/usr/bin/env python
+"""Train and evaluate SOLOv2 with Detectron2's standard trainer flow.
+
+    python train_net.py --config-file configs/SOLOv2_R50_1x.yaml --num-gpus 8
+    python train_net.py --config-file configs/SOLOv2_R50_1x.yaml --eval-only MODEL.WEIGHTS model.pth
+"""
+import os
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.evaluation import DatasetEvaluators, verify_results
+from detectron2.utils import comm
+
+from solov2_d2 import add_solov2_config
+from solov2_d2.compat import build_coco_evaluator
+from solov2_d2.data import SOLOv2DatasetMapper
+
+
+class Trainer(DefaultTrainer):
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """COCO segm AP, and bbox AP of the tight boxes of the predicted masks."""
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return DatasetEvaluators([build_coco_evaluator(dataset_name, output_folder)])
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        from detectron2.data import build_detection_train_loader
+
+        return build_detection_train_loader(cfg, mapper=SOLOv2DatasetMapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        from detectron2.data import build_detection_test_loader
+
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=SOLOv2DatasetMapper(cfg, is_train=False)
+        )
+
+
+def setup(args):
+    cfg = get_cfg()
+    add_solov2_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        results = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, results)
+        return results
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
