@@ -1,0 +1,260 @@
+"""Tests of the generated shapes dataset: files, annotations, Detectron2 registration."""
+
+import contextlib
+import io
+import json
+import os
+
+import cv2
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from pycocotools.coco import COCO
+
+from solov2_d2.data import shapes
+from solov2_d2.data.shapes import (
+    SHAPES_CLASSES,
+    SHAPES_COLORS,
+    ensure_generated,
+    generate_shapes_split,
+    register_builtin_shapes,
+    register_shapes_dataset,
+)
+
+# Small images keep the tests fast where relative sizes do not matter.
+SMALL = {"min_side": 64, "max_side": 96}
+
+
+def _split_files(root):
+    """{relative path: bytes} of every file under root."""
+    contents = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as stream:
+                contents[os.path.relpath(path, root)] = stream.read()
+    return contents
+
+
+def _rasterize(annotation, image):
+    rles = mask_util.frPyObjects(annotation["segmentation"], image["height"], image["width"])
+    return mask_util.decode(mask_util.merge(rles))
+
+
+def _load(json_path):
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(json_path)
+
+
+@pytest.fixture(scope="module")
+def default_size_split(tmp_path_factory):
+    """40 images at the default sizes: enough objects for the distribution checks."""
+    root = tmp_path_factory.mktemp("shapes_default")
+    return _load(generate_shapes_split(str(root), "train", num_images=40, seed=0))
+
+
+@pytest.fixture
+def isolate_dataset_names():
+    """Names a test registers: whatever they were before is put back afterwards."""
+    saved = {}
+
+    def track(*new_names):
+        for name in new_names:
+            saved[name] = (
+                DatasetCatalog.data.get(name),
+                MetadataCatalog.data.get(name),
+                shapes._REGISTERED_SPECS.get(name),
+            )
+            DatasetCatalog.data.pop(name, None)
+            MetadataCatalog.data.pop(name, None)
+            shapes._REGISTERED_SPECS.pop(name, None)
+
+    yield track
+    for name, (loader, metadata, spec) in saved.items():
+        for catalog, value in ((DatasetCatalog.data, loader), (MetadataCatalog.data, metadata)):
+            catalog.pop(name, None)
+            if value is not None:
+                catalog[name] = value
+        shapes._REGISTERED_SPECS.pop(name, None)
+        if spec is not None:
+            shapes._REGISTERED_SPECS[name] = spec
+
+
+def _gen(root, seed, num_images=5):
+    return generate_shapes_split(str(root), "train", num_images=num_images, seed=seed, **SMALL)
+
+
+def test_generation_is_deterministic(tmp_path):
+    for folder, seed in (("a", 3), ("b", 3), ("c", 4)):
+        _gen(tmp_path / folder, seed)
+    first, second, other = (_split_files(tmp_path / folder) for folder in "abc")
+    assert first.keys() == second.keys()
+    assert all(first[path] == second[path] for path in first)
+    for path in (
+        os.path.join("annotations", "instances_train.json"),
+        os.path.join("train", "000000.png"),
+    ):
+        assert other[path] != first[path]
+
+
+def test_smaller_split_is_prefix_of_larger(tmp_path):
+    _gen(tmp_path / "small", 0, num_images=2)
+    _gen(tmp_path / "large", 0, num_images=4)
+    small, large = _split_files(tmp_path / "small"), _split_files(tmp_path / "large")
+    for index in range(2):
+        path = os.path.join("train", f"{index:06d}.png")
+        assert small[path] == large[path]
+
+
+def test_coco_json_is_valid_and_exact(tmp_path):
+    json_path = _gen(tmp_path, seed=0, num_images=12)
+    with open(json_path) as stream:
+        raw = json.load(stream)
+    assert {"info", "licenses", "images", "annotations", "categories"} <= raw.keys()
+    assert [c["id"] for c in raw["categories"]] == list(range(1, len(SHAPES_CLASSES) + 1))
+    assert [c["name"] for c in raw["categories"]] == SHAPES_CLASSES
+    coco = _load(json_path)
+    assert len(coco.getImgIds()) == 12
+    assert len({a["id"] for a in raw["annotations"]}) == len(raw["annotations"])
+    for image in raw["images"]:
+        assert len(coco.getAnnIds(imgIds=image["id"])) >= 1  # every image has an object
+        pixels = cv2.imread(os.path.join(tmp_path, "train", image["file_name"]))
+        assert pixels.shape == (image["height"], image["width"], 3)
+    for annotation in raw["annotations"]:
+        image = coco.imgs[annotation["image_id"]]
+        assert annotation["category_id"] in coco.cats
+        assert annotation["iscrowd"] == 0
+        assert all(len(poly) >= 6 and len(poly) % 2 == 0 for poly in annotation["segmentation"])
+        mask = _rasterize(annotation, image)
+        assert mask.sum() == annotation["area"] > 0
+        points = np.concatenate([np.reshape(p, (-1, 2)) for p in annotation["segmentation"]])
+        x0, y0 = points.min(axis=0)
+        x1, y1 = points.max(axis=0)
+        assert annotation["bbox"] == [x0, y0, x1 - x0, y1 - y0]  # tight box of the polygons
+        # ... which is also, within a pixel, the box of the pixels they cover.
+        ys, xs = np.nonzero(mask)
+        mask_box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+        assert np.abs(mask_box - [x0, y0, x1, y1]).max() <= 1
+        assert 0 <= x0 and 0 <= y0 and x1 <= image["width"] and y1 <= image["height"]
+
+
+def test_visible_masks_have_no_holes(default_size_split):
+    coco = default_size_split
+    for annotation in coco.dataset["annotations"]:
+        mask = _rasterize(annotation, coco.imgs[annotation["image_id"]])
+        _, hierarchy = cv2.findContours(np.pad(mask, 1), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+        assert (hierarchy[0][:, 3] < 0).all(), f"annotation {annotation['id']} has a hole"
+
+
+def test_sizes_are_varied(default_size_split):
+    coco = default_size_split
+    long_sides, image_shares = [], []
+    for annotation in coco.dataset["annotations"]:
+        image = coco.imgs[annotation["image_id"]]
+        _, _, width, height = annotation["bbox"]
+        long_sides.append(max(width, height))
+        image_shares.append(max(width / image["width"], height / image["height"]))
+    assert min(long_sides) < 8  # smaller than a grid cell of the finest SOLOv2 levels
+    assert max(image_shares) > 0.6
+    # Not just a few outliers: the sizes spread over the whole range.
+    assert np.percentile(long_sides, 25) < 20 and np.percentile(image_shares, 90) > 0.3
+    assert len({a["category_id"] for a in coco.dataset["annotations"]}) == len(SHAPES_CLASSES)
+
+
+def test_objects_occlude_each_other(default_size_split):
+    annotations = default_size_split.dataset["annotations"]
+    assert any(len(a["segmentation"]) > 1 for a in annotations)  # split into parts
+    occluded = 0
+    for index in range(20):
+        rng = np.random.default_rng(np.random.SeedSequence(0, spawn_key=(index,)))
+        _, instances = shapes._generate_image(rng, 160, 160)
+        for instance in instances:
+            visible, unoccluded = int(instance.visible.sum()), int(instance.unoccluded.sum())
+            assert shapes.MIN_VISIBLE_FRACTION * unoccluded <= visible <= unoccluded
+            occluded += visible < unoccluded
+    assert occluded >= 5
+
+
+def test_registration_loads_detectron2_dicts(tmp_path, isolate_dataset_names):
+    name = "test_shapes_registration"
+    isolate_dataset_names(name)
+    register_shapes_dataset(name, root=str(tmp_path), split="val", num_images=4, seed=1, **SMALL)
+    json_path = os.path.join(tmp_path, "annotations", "instances_val.json")
+    assert not os.path.exists(json_path)  # registering generates nothing
+    metadata = MetadataCatalog.get(name)
+    assert metadata.thing_classes == SHAPES_CLASSES
+    assert len(metadata.thing_colors) == len(SHAPES_CLASSES)
+    assert len(set(SHAPES_COLORS)) == len(SHAPES_COLORS)
+    assert metadata.json_file == json_path
+    assert metadata.evaluator_type == "coco"
+
+    dicts = DatasetCatalog.get(name)
+    assert len(dicts) == 4 and os.path.isfile(json_path)
+    for record in dicts:
+        assert os.path.isfile(record["file_name"])
+        assert record["annotations"]
+        for obj in record["annotations"]:
+            assert 0 <= obj["category_id"] < len(SHAPES_CLASSES)
+            assert isinstance(obj["segmentation"], list) and len(obj["bbox"]) == 4
+    assert metadata.thing_dataset_id_to_contiguous_id == {i + 1: i for i in range(6)}
+
+    # Same parameters again: nothing happens. Other parameters: refused.
+    register_shapes_dataset(name, root=str(tmp_path), split="val", num_images=4, seed=1, **SMALL)
+    with pytest.raises(ValueError):
+        register_shapes_dataset(name, root=str(tmp_path), split="val", num_images=5, seed=1)
+
+
+def test_ensure_generated_lets_coco_evaluator_read_the_json(tmp_path, isolate_dataset_names):
+    from detectron2.evaluation import COCOEvaluator
+
+    name = "test_shapes_evaluator"
+    isolate_dataset_names(name)
+    register_shapes_dataset(name, root=str(tmp_path), split="val", num_images=2, seed=1, **SMALL)
+    assert ensure_generated(name) == MetadataCatalog.get(name).json_file
+    evaluator = COCOEvaluator(name, output_dir=None)
+    assert len(evaluator._coco_api.getImgIds()) == 2
+    with pytest.raises(ValueError):
+        ensure_generated("not_a_shapes_dataset")
+
+
+def test_interrupted_generation_does_not_break_loading(tmp_path, isolate_dataset_names):
+    name = "test_shapes_interrupted"
+    isolate_dataset_names(name)
+    register_shapes_dataset(name, root=str(tmp_path), split="train", num_images=3, seed=0, **SMALL)
+    annotations_dir = tmp_path / "annotations"
+    annotations_dir.mkdir()
+    # What a run killed while writing leaves behind: a temporary JSON and a temporary image.
+    (annotations_dir / "instances_train.json.x1y2z3").write_text('{"images": [{"id": 1')
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "000000.png.a1b2c3").write_bytes(b"\x89PNG")
+    assert len(DatasetCatalog.get(name)) == 3
+
+    # A JSON truncated in place, or written with other parameters, is regenerated too.
+    json_path = annotations_dir / "instances_train.json"
+    complete = json_path.read_bytes()
+    json_path.write_bytes(complete[: len(complete) // 2])
+    assert len(DatasetCatalog.get(name)) == 3
+    assert json_path.read_bytes() == complete
+    _gen(tmp_path, seed=0, num_images=2)
+    assert len(DatasetCatalog.get(name)) == 3
+    # A missing image as well.
+    os.remove(tmp_path / "train" / "000002.png")
+    assert len(DatasetCatalog.get(name)) == 3
+    assert (tmp_path / "train" / "000002.png").is_file()
+
+
+def test_builtin_registration_is_repeatable(tmp_path, monkeypatch, isolate_dataset_names):
+    isolate_dataset_names(*shapes.BUILTIN_SHAPES_DATASETS)
+    monkeypatch.setenv(shapes.SHAPES_ROOT_ENV, str(tmp_path / "from_env"))
+    register_builtin_shapes()
+    register_builtin_shapes()
+    for name, params in shapes.BUILTIN_SHAPES_DATASETS.items():
+        metadata = MetadataCatalog.get(name)
+        assert metadata.image_root == str(tmp_path / "from_env" / params["split"])
+        assert metadata.thing_classes == SHAPES_CLASSES
+    assert shapes.BUILTIN_SHAPES_DATASETS["solov2_shapes_train"]["num_images"] == 1000
+    assert shapes.BUILTIN_SHAPES_DATASETS["solov2_shapes_val"]["seed"] == 1
+    with pytest.raises(ValueError):
+        register_builtin_shapes(root=str(tmp_path / "elsewhere"))
+    assert not (tmp_path / "from_env").exists()  # nothing generated yet
