@@ -40,27 +40,32 @@ def test_model_zoo_config_lookup_without_pkg_resources():
     assert os.path.isfile(path)
 
 
+def _nms_rotated():
+    from detectron2.layers import nms_rotated
+
+    nms_rotated(torch.zeros(1, 5), torch.ones(1), 0.5)
+
+
+def _box_iou_rotated():
+    from detectron2.structures import RotatedBoxes, pairwise_iou_rotated
+
+    boxes = RotatedBoxes(torch.tensor([[5.0, 5.0, 4.0, 4.0, 0.0]]))
+    pairwise_iou_rotated(boxes, boxes)
+
+
+def _roi_align_rotated():
+    from detectron2.layers import ROIAlignRotated
+
+    ROIAlignRotated((2, 2), 1.0, 0)(torch.zeros(1, 1, 4, 4), torch.zeros(1, 6))
+
+
 @sdist_only
 @pytest.mark.parametrize(
     "call, op_name",
     [
-        (
-            lambda: __import__("detectron2.layers", fromlist=["nms_rotated"]).nms_rotated(
-                torch.zeros(1, 5), torch.ones(1), 0.5
-            ),
-            "nms_rotated",
-        ),
-        (
-            lambda: __import__("detectron2.layers", fromlist=["pairwise_iou_rotated"])
-            .pairwise_iou_rotated(torch.zeros(1, 5), torch.zeros(1, 5)),
-            "box_iou_rotated",
-        ),
-        (
-            lambda: __import__("detectron2.layers", fromlist=["DeformConv"]).DeformConv(
-                4, 4, 3, padding=1
-            )(torch.zeros(1, 4, 5, 5), torch.zeros(1, 18, 5, 5)),
-            "deform_conv_forward",
-        ),
+        (_nms_rotated, "nms_rotated"),
+        (_box_iou_rotated, "box_iou_rotated"),
+        (_roi_align_rotated, "roi_align_rotated_forward"),
     ],
 )
 def test_compiled_ops_raise_clear_error(call, op_name):

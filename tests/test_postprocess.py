@@ -58,11 +58,15 @@ def test_postprocess_hand_case():
     assert torch.equal(out.pred_classes, torch.tensor([0, 1]))
     # Different classes: Matrix NMS does not decay; the score is category x maskness (= sig(10)).
     assert torch.allclose(out.scores, torch.stack([0.9 * sig10, 0.8 * sig10]))
-    # A 2x2 block of a 4x4 map, bilinearly upsampled x4: value > 0.5 up to input coordinate 1.5,
-    # i.e. output pixels 0..7.
+    # A 2x2 block of a 4x4 map, bilinearly upsampled x4. Output pixel k samples input coordinate
+    # (k + 0.5) / 4 - 0.5; the weight on the block along one axis is 1 for k <= 5, 0.875 (k=6),
+    # 0.625 (k=7), 0.375 (k=8). The 2-D value is the product: > 0.5 on the 8x8 block except its
+    # corner (7, 7), where 0.625^2 = 0.39.
     expected = torch.zeros(2, 16, 16, dtype=torch.bool)
     expected[0, :8, :8] = True
+    expected[0, 7, 7] = False
     expected[1, 8:, 8:] = True
+    expected[1, 8, 8] = False
     assert out.pred_masks.dtype == torch.bool
     assert torch.equal(out.pred_masks, expected)
     assert torch.equal(out.pred_boxes.tensor, torch.tensor([[0.0, 0, 8, 8], [8.0, 8, 16, 16]]))

@@ -92,16 +92,15 @@ def postprocess_single_image(
         output_size: (height, width) requested for the output masks.
     """
     device = mask_feature.device
-    num_classes = category_scores.shape[1]
     candidates = (category_scores > params.score_threshold).nonzero()
     if candidates.shape[0] == 0:
         return empty_instances(output_size, device)
     cells, labels = candidates[:, 0], candidates[:, 1]
-    scores = category_scores.view(-1)[cells * num_classes + labels]
+    scores = category_scores[cells, labels]
 
     # M = G * F for the candidates only: one matmul of their 1x1 kernels with F.
     num_masks, feat_h, feat_w = mask_feature.shape
-    soft_masks = (kernel_preds[cells] @ mask_feature.view(num_masks, -1)).sigmoid()
+    soft_masks = (kernel_preds[cells] @ mask_feature.reshape(num_masks, -1)).sigmoid()
     soft_masks = soft_masks.view(-1, feat_h, feat_w)
     binary_masks = soft_masks > params.mask_threshold
     areas = binary_masks.sum(dim=(1, 2)).float()

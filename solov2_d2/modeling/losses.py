@@ -1,0 +1,113 @@
+"""SOLOv2 training losses: L = L_cate + lambda * L_mask (SOLO paper, Eq. 1; lambda = 3).
+
+L_cate is the sigmoid focal loss (RetinaNet, Lin et al. 2017) over every grid cell of every level;
+L_mask is the dice loss (SOLO Sec. 3.3.2) between the predicted and target masks of the positive
+(instance, cell) pairs. Normalizations follow the official implementation: the focal sum is divided
+by (number of positive cells + 1), the dice loss is averaged over the positive pairs.
+"""
+
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["sigmoid_focal_loss", "dice_loss", "solov2_losses"]
+
+
+def sigmoid_focal_loss(
+    logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0
+) -> Tensor:
+    """Elementwise sigmoid focal loss, same shape as ``logits``.
+
+    loss = -alpha_t * (1 - p_t) ** gamma * log(p_t), with p_t = p for positives and 1 - p for
+    negatives, alpha_t = alpha for positives and 1 - alpha for negatives. ``targets`` are one-hot
+    floats. The log term comes from BCE-with-logits so that large |logits| stay finite.
+    """
+    targets = targets.to(logits.dtype)
+    probs = torch.sigmoid(logits)
+    cross_entropy = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    prob_of_truth = probs * targets + (1 - probs) * (1 - targets)
+    alpha_weight = alpha * targets + (1 - alpha) * (1 - targets)
+    return alpha_weight * (1 - prob_of_truth) ** gamma * cross_entropy
+
+
+def dice_loss(mask_probs: Tensor, mask_targets: Tensor, eps: float = 1e-3) -> Tensor:
+    """Per-instance dice loss (P,), 1 - 2 sum(p t) / (sum(p^2) + sum(t^2)) (SOLO Sec. 3.3.2).
+
+    All dimensions but the first are flattened. As in the official implementation, ``eps`` is added
+    to both squared sums (so 2 * eps in the denominator): an empty target with an empty prediction
+    gives loss 1, not NaN.
+    """
+    probs = mask_probs.flatten(1)
+    targets = mask_targets.flatten(1).to(probs.dtype)
+    overlap = (probs * targets).sum(dim=1)
+    prob_energy = (probs * probs).sum(dim=1) + eps
+    target_energy = (targets * targets).sum(dim=1) + eps
+    return 1 - 2 * overlap / (prob_energy + target_energy)
+
+
+def solov2_losses(
+    category_logits: Tensor,
+    category_targets: Tensor,
+    mask_logits: Tensor,
+    mask_targets: Tensor,
+    num_classes: int,
+    focal_alpha: float,
+    focal_gamma: float,
+    focal_weight: float,
+    dice_weight: float,
+) -> Dict[str, Tensor]:
+    """The two SOLOv2 loss terms, already weighted.
+
+    Args:
+        category_logits: (M, num_classes) logits of every cell of every level and image.
+        category_targets: (M,) int64 class ids, ``num_classes`` for background cells.
+        mask_logits: (P, Hm, Wm) predicted mask logits of the positive (instance, cell) pairs.
+        mask_targets: (P, Hm, Wm) 0/1 targets of those pairs.
+        num_classes, focal_alpha, focal_gamma: focal loss setup.
+        focal_weight, dice_weight: weights of the category and mask terms (lambda = dice_weight).
+
+    Returns:
+        {"loss_cate": focal_weight * sum(focal) / (num_positive_cells + 1),
+         "loss_mask": dice_weight * mean over pairs of dice(sigmoid(mask_logits), mask_targets)}
+    """
+    if category_logits.dim() != 2 or category_logits.shape[1] != num_classes:
+        raise ValueError(
+            f"category_logits must be (M, num_classes={num_classes}), got shape "
+            f"{tuple(category_logits.shape)}"
+        )
+    if category_targets.shape != category_logits.shape[:1]:
+        raise ValueError(
+            f"category_targets must be ({category_logits.shape[0]},) to match category_logits, "
+            f"got shape {tuple(category_targets.shape)}"
+        )
+    if category_targets.numel() > 0:
+        lowest, highest = int(category_targets.min()), int(category_targets.max())
+        if lowest < 0 or highest > num_classes:
+            raise ValueError(
+                f"category_targets must lie in [0, num_classes={num_classes}] (num_classes = "
+                f"background), got values in [{lowest}, {highest}]"
+            )
+    if mask_logits.shape != mask_targets.shape:
+        raise ValueError(
+            f"mask_logits and mask_targets must have the same shape, got "
+            f"{tuple(mask_logits.shape)} and {tuple(mask_targets.shape)}"
+        )
+
+    category_targets = category_targets.long()
+    # One extra column for background, then dropped: background cells get an all-zero target row.
+    one_hot = F.one_hot(category_targets, num_classes + 1)[:, :num_classes]
+    focal = sigmoid_focal_loss(category_logits, one_hot, alpha=focal_alpha, gamma=focal_gamma)
+    num_positive_cells = (category_targets != num_classes).sum()
+    # "+ 1" keeps images without any positive cell finite (official normalization).
+    loss_cate = focal_weight * focal.sum() / (num_positive_cells + 1).to(focal.dtype)
+
+    if mask_logits.shape[0] == 0:
+        # No positive pair in the batch: a zero that still reaches mask_logits in the graph, so
+        # backward (and DDP's used-parameter bookkeeping) treats the mask branch as usual.
+        loss_mask = mask_logits.sum() * 0.0
+    else:
+        dice = dice_loss(torch.sigmoid(mask_logits), mask_targets)
+        loss_mask = dice_weight * dice.mean()
+    return {"loss_cate": loss_cate, "loss_mask": loss_mask}
