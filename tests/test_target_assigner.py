@@ -319,29 +319,30 @@ def test_matches_loop_reference_on_random_instances():
 
 def _random_masks(generator, num_masks, height, width):
     """Noise, rectangles and discs: noise stresses rounding, shapes look like real masks."""
+
+    def randint(low, high):
+        return int(torch.randint(low, high, (1,), generator=generator))
+
+    def uniform(scale):
+        return float(torch.rand((), generator=generator)) * scale
+
     masks = torch.zeros((num_masks, height, width), dtype=torch.bool)
     ys = torch.arange(height)[:, None].float()
     xs = torch.arange(width)[None, :].float()
     for k in range(num_masks):
         kind = k % 3
         if kind == 0:
-            masks[k] = torch.rand((height, width), generator=generator) < torch.rand(
-                1, generator=generator
-            )
+            masks[k] = torch.rand((height, width), generator=generator) < uniform(1.0)
         elif kind == 1:
-            y0, x0 = int(torch.randint(0, height, (1,), generator=generator)), int(
-                torch.randint(0, width, (1,), generator=generator)
-            )
-            masks[
-                k,
-                y0 : y0 + int(torch.randint(1, height + 1, (1,), generator=generator)),
-                x0 : x0 + int(torch.randint(1, width + 1, (1,), generator=generator)),
-            ] = True
+            top, left = randint(0, height), randint(0, width)
+            masks[k, top : top + randint(1, height + 1), left : left + randint(1, width + 1)] = True
         else:
-            cy, cx, radius = torch.rand(3, generator=generator) * torch.tensor(
-                [height, width, max(height, width)]
+            center_y, center_x, radius = (
+                uniform(height),
+                uniform(width),
+                uniform(max(height, width)),
             )
-            masks[k] = (ys - cy) ** 2 + (xs - cx) ** 2 < radius**2
+            masks[k] = (ys - center_y) ** 2 + (xs - center_x) ** 2 < radius**2
     return masks
 
 
@@ -437,3 +438,20 @@ def test_invalid_inputs_raise(change, message):
     arguments.update(change)
     with pytest.raises(ValueError, match=message):
         assign(**arguments)
+
+
+def test_objects_outside_all_scale_ranges_go_to_the_first_or_last_level():
+    """A 60x60 object with ranges topping out at 40 trains the last level; a 1x2 box (scale 1.41)
+    with ranges starting at 4 trains the first level. Neither is dropped."""
+    masks = torch.zeros(2, 64, 64, dtype=torch.bool)
+    masks[0, 2:62, 2:62] = True
+    masks[1, 30:31, 30:32] = True
+    boxes = torch.tensor([[2.0, 2.0, 62.0, 62.0], [30.0, 30.0, 32.0, 31.0]])
+    classes = torch.tensor([0, 1])
+    targets = assign_targets_single_image(
+        masks, boxes, classes, (64, 64), [4, 2], [(4, 20), (16, 40)], 0.2, 3
+    )
+    assert torch.equal(targets.positive_instances[0].unique(), torch.tensor([1]))
+    assert torch.equal(targets.positive_instances[1].unique(), torch.tensor([0]))
+    assert (targets.category_targets[1] == 0).any()
+    assert (targets.category_targets[0] == 1).any()

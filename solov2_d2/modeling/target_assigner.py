@@ -4,8 +4,8 @@ SOLO splits the image into an S x S grid per FPN level and makes a cell responsi
 when the cell falls in the instance's "center region" (SOLO paper, Sec. 3.3.1 "Label Assignment",
 reused unchanged by SOLOv2 Sec. 3): the box (cx, cy, sigma * w, sigma * h) around the mask's
 center of mass, with sigma = 0.2. Each instance goes to the FPN levels whose scale range contains
-sqrt(w * h) (SOLO Sec. 3.2). Every positive cell predicts the instance's mask at the resolution of
-the unified mask feature (1/4 of the input, SOLOv2 Sec. 3.2).
+sqrt(w * h), SOLO's FPN scale assignment. Every positive cell predicts the instance's mask at the
+resolution of the unified mask feature (1/4 of the input, SOLOv2 Sec. 3.2).
 
 The arithmetic below reproduces the official implementation bit for bit (cell indices through
 Python's float floor division, mask targets through OpenCV's fixed-point bilinear resize), because
@@ -26,7 +26,7 @@ _CV2_COEF_SCALE = 1 << _CV2_COEF_BITS
 
 
 class SOLOv2Targets(NamedTuple):
-    """Targets of one image. Lists hold one entry per FPN level, coarse to fine as in ``num_grids``.
+    """Targets of one image. Lists hold one entry per FPN level, in the order of ``num_grids``.
 
     category_targets: int64 (S*S,) per level; the class id of each cell, ``num_classes`` where the
         cell is background.
@@ -102,7 +102,7 @@ def _cv2_linear_taps(in_size: int, out_size: int, device) -> Tuple[Tensor, Tenso
     """Source indices and fixed-point weights of OpenCV's INTER_LINEAR along one axis.
 
     Returns (first_index, second_index, first_weight, second_weight), each (out_size,), weights
-    int32 summing to 2**11. Mirrors OpenCV: half-pixel centers computed in double and stored as
+    int32 on the 2**11 scale. Mirrors OpenCV: half-pixel centers computed in double and stored as
     float, edge samples clamped to the border pixel with full weight, weights rounded to nearest
     (ties to even) on the 2**11 scale.
     """
@@ -133,8 +133,9 @@ def resize_masks_like_cv2(masks: Tensor, out_height: int, out_width: int) -> Ten
     (a few % on noise), wherever the interpolated value sits near 0.5, because OpenCV rounds the
     weights to 11 bits and truncates partial sums. So this replays OpenCV's integer arithmetic:
     a horizontal pass ``sum = w0 * a + w1 * b`` (weights on the 2**11 scale), then a vertical pass
-    ``((v0 * (sum0 >> 4)) >> 16) + ((v1 * (sum1 >> 4)) >> 16) + 2 >> 2``. Both passes gather two
-    taps per output pixel, so no full-resolution float copy of the masks is made.
+    ``((v0 * (sum0 >> 4)) >> 16) + ((v1 * (sum1 >> 4)) >> 16) + 2 >> 2``. Only the input rows that
+    some output row samples go through the horizontal pass, and both passes gather two taps per
+    output pixel, so no full-resolution integer or float copy of the masks is made.
     """
     num_masks, in_height, in_width = masks.shape
     device = masks.device
@@ -142,24 +143,29 @@ def resize_masks_like_cv2(masks: Tensor, out_height: int, out_width: int) -> Ten
         return torch.zeros((num_masks, out_height, out_width), dtype=torch.uint8, device=device)
     foreground = masks if masks.dtype == torch.bool else masks != 0
 
+    top, bottom, top_weight, bottom_weight = _cv2_linear_taps(in_height, out_height, device)
     left, right, left_weight, right_weight = _cv2_linear_taps(in_width, out_width, device)
     zero = torch.zeros((), dtype=torch.int32, device=device)
-    row_sums = torch.where(foreground.index_select(2, left), left_weight, zero)
-    row_sums += torch.where(foreground.index_select(2, right), right_weight, zero)
 
-    top, bottom, top_weight, bottom_weight = _cv2_linear_taps(in_height, out_height, device)
-    top_weight, bottom_weight = top_weight[:, None], bottom_weight[:, None]
-    top_term = (top_weight * (row_sums.index_select(1, top) >> 4)) >> 16
-    bottom_term = (bottom_weight * (row_sums.index_select(1, bottom) >> 4)) >> 16
+    def horizontal_pass(rows: Tensor) -> Tensor:
+        sums = torch.where(rows.index_select(2, left), left_weight, zero)
+        sums += torch.where(rows.index_select(2, right), right_weight, zero)
+        return sums
+
+    top_sums = horizontal_pass(foreground.index_select(1, top))
+    bottom_sums = horizontal_pass(foreground.index_select(1, bottom))
+    top_term = (top_weight[:, None] * (top_sums >> 4)) >> 16
+    bottom_term = (bottom_weight[:, None] * (bottom_sums >> 4)) >> 16
     return ((top_term + bottom_term + 2) >> 2).to(torch.uint8)
 
 
 def _mass_centers(masks: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     """(center_y, center_x, pixel_count) of each (K, h, w) bool mask; centers float64 in pixels.
 
-    The moments are summed exactly in int64 (a float32 sum of a large mask drifts by a few ulps,
-    which can move a center across a cell boundary) and divided in float64, which equals the
-    center of mass of the original implementation (scipy.ndimage, float64).
+    The moments are summed exactly in integers and divided in float64, which equals the center of
+    mass of the original SOLO/SOLOv2 code (scipy.ndimage, float64). AdelaiDet's port sums in
+    float32, which drifts by a few ulps on large masks; that only matters for a center within
+    those ulps of a cell boundary.
     """
     _, height, width = masks.shape
     device = masks.device
@@ -204,11 +210,9 @@ def _center_region_pairs(center_y, center_x, half_height, half_width, upsampled_
     bottom = _grid_cell(center_y + half_height, upsampled_height, num_grid).clamp(max=last)
     left = _grid_cell(center_x - half_width, upsampled_width, num_grid).clamp(min=0)
     right = _grid_cell(center_x + half_width, upsampled_width, num_grid).clamp(max=last)
-    top = torch.maximum(top, center_row - 1)
-    bottom = torch.minimum(bottom, center_row + 1)
-    left = torch.maximum(left, center_col - 1)
-    right = torch.minimum(right, center_col + 1)
 
+    # Enumerating only the 3x3 neighbourhood of the center cell is the official clip of the
+    # region to center +- 1 cell; a cell is positive if it also lies in the clipped sigma box.
     offsets = torch.arange(-1, 2, device=center_y.device)
     rows = (center_row[:, None] + offsets)[:, :, None]  # (N, 3, 1)
     cols = (center_col[:, None] + offsets)[:, None, :]  # (N, 1, 3)
@@ -287,7 +291,12 @@ def assign_targets_single_image(
     # arithmetic below is lifted to float64.
     box_widths = gt_boxes[:, 2] - gt_boxes[:, 0]
     box_heights = gt_boxes[:, 3] - gt_boxes[:, 1]
-    scales = torch.sqrt(box_widths * box_heights)
+    # Objects outside all ranges are clamped into them, so that they train the first or last level
+    # instead of being silently dropped (the official code drops them; with its COCO ranges
+    # ending at 2048 that never happens, but custom ranges and huge inputs hit it).
+    smallest = min(lower for lower, _ in scale_ranges)
+    largest = max(upper for _, upper in scale_ranges)
+    scales = torch.sqrt(box_widths * box_heights).clamp(smallest, largest)
     half_widths = (0.5 * box_widths * sigma).to(torch.float64)
     half_heights = (0.5 * box_heights * sigma).to(torch.float64)
     center_y, center_x, pixel_count = _mass_centers(masks)
