@@ -47,3 +47,54 @@ def shared_dir():
     if not os.path.isdir(SHARED):
         pytest.skip("../shared (real COCO sample, reference files) is not beside this clone")
     return SHARED
+
+
+# The model of ``tiny_cfg`` as YAML overrides of configs/Base-SOLOv2.yaml, for the tests that go
+# through the command-line flow (train_net.setup, demo.py), which only takes a file and KEY VALUEs.
+TINY_MODEL_OVERRIDES = {
+    "DEVICE": "cpu",
+    "WEIGHTS": "",
+    "RESNETS": {"DEPTH": 18, "RES2_OUT_CHANNELS": 64, "NORM": "GN", "STEM_OUT_CHANNELS": 32},
+    "BACKBONE": {"FREEZE_AT": 0},
+    "FPN": {"OUT_CHANNELS": 64, "NORM": "GN"},
+    "SOLOV2": {
+        "INSTANCE_IN_CHANNELS": 64,
+        "INSTANCE_CHANNELS": 64,
+        "NUM_INSTANCE_CONVS": 2,
+        "MASK_IN_CHANNELS": 64,
+        "MASK_CHANNELS": 64,
+        "NUM_MASKS": 64,
+        "NUM_KERNELS": 64,
+        "NUM_GRIDS": [12, 10, 8, 6, 4],
+        "FPN_SCALE_RANGES": [[1, 24], [12, 48], [24, 96], [48, 192], [96, 2048]],
+    },
+}
+
+
+def _deep_update(target, updates):
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _deep_update(target[key], value)
+        else:
+            target[key] = value
+    return target
+
+
+def write_tiny_config(directory, num_classes=3, name="tiny.yaml", **sections):
+    """Writes ``<directory>/<name>``: ``_BASE_`` configs/Base-SOLOv2.yaml, the model of
+    ``tiny_cfg(num_classes)``, then ``sections`` (top-level keys, e.g. ``INPUT={...}``) merged
+    in depth. Returns the path."""
+    import copy
+
+    import yaml
+
+    content = {
+        "_BASE_": os.path.join(ROOT, "configs", "Base-SOLOv2.yaml"),
+        "MODEL": copy.deepcopy(TINY_MODEL_OVERRIDES),
+    }
+    content["MODEL"]["SOLOV2"]["NUM_CLASSES"] = num_classes
+    _deep_update(content, copy.deepcopy(sections))
+    path = os.path.join(str(directory), name)
+    with open(path, "w") as stream:
+        yaml.safe_dump(content, stream, sort_keys=False)
+    return path

@@ -78,10 +78,13 @@ def main(argv=None):
     cfg = train_net.setup(d2_args)
     trainer = train_net.Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    results = trainer.train()  # ends with the evaluation on cfg.DATASETS.TEST (EvalHook)
-    trained = time.time()
-    if not results:  # resumed after the last iteration: evaluate explicitly
+    trainer.train()
+    # Training ends with the evaluation on cfg.DATASETS.TEST (Detectron2's EvalHook); its results
+    # are only returned by train() when TEST.EXPECTED_RESULTS is set, so read them from the hook.
+    results = getattr(trainer, "_last_eval_results", None)
+    if not results:  # resumed after the last iteration: nothing was evaluated
         results = train_net.Trainer.test(cfg, trainer.model)
+    trained = time.time()
 
     num_vis = visualize(
         cfg, trainer.model, cfg.DATASETS.TEST[0], os.path.join(args.output, "vis"), args.num_vis
