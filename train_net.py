@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Train and evaluate SOLOv2 with Detectron2's standard trainer flow.
 
-    python train_net.py --config-file configs/SOLOv2_R50_1x.yaml --num-gpus 8
-    python train_net.py --config-file configs/SOLOv2_R50_1x.yaml --eval-only MODEL.WEIGHTS model.pth
+python train_net.py --config-file configs/SOLOv2_R50_1x.yaml --num-gpus 8
+python train_net.py --config-file configs/SOLOv2_R50_1x.yaml --eval-only MODEL.WEIGHTS model.pth
 """
+
 import os
 
 from detectron2.checkpoint import DetectionCheckpointer
@@ -15,9 +16,14 @@ from detectron2.utils import comm
 from solov2_d2 import add_solov2_config
 from solov2_d2.compat import build_coco_evaluator
 from solov2_d2.data import SOLOv2DatasetMapper
+from solov2_d2.engine import SOLOv2TrainerMixin, build_resumable_train_loader
 
 
-class Trainer(DefaultTrainer):
+class Trainer(SOLOv2TrainerMixin, DefaultTrainer):
+    """DefaultTrainer with SOLOv2's loaders and evaluator. The mixin keeps the optimizer state in
+    checkpoints, makes ``--resume`` continue with the very batches of an uninterrupted run, and
+    names the loss term of a NaN/inf loss (solov2_d2/engine)."""
+
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         """COCO segm AP, and bbox AP of the tight boxes of the predicted masks."""
@@ -27,16 +33,22 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        from detectron2.data import build_detection_train_loader
-
-        return build_detection_train_loader(cfg, mapper=SOLOv2DatasetMapper(cfg, is_train=True))
+        """Checked dataset dicts (solov2_d2/data/checks.py) in a loader that resumes exactly."""
+        return build_resumable_train_loader(cfg, mapper=SOLOv2DatasetMapper(cfg, is_train=True))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         from detectron2.data import build_detection_test_loader
 
+        from solov2_d2.data.checks import get_dataset_dicts
+
+        dataset = get_dataset_dicts(
+            dataset_name, training=False, num_classes=cfg.MODEL.SOLOV2.NUM_CLASSES
+        )
         return build_detection_test_loader(
-            cfg, dataset_name, mapper=SOLOv2DatasetMapper(cfg, is_train=False)
+            dataset,
+            mapper=SOLOv2DatasetMapper(cfg, is_train=False),
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
         )
 
 

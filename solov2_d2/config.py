@@ -3,6 +3,7 @@
 Key names and defaults follow AdelaiDet's SOLOv2 so that its YAML files load unchanged. Keys that
 AdelaiDet does not have are marked "(solov2_d2)".
 """
+
 from detectron2.config import CfgNode as CN
 
 

@@ -1,4 +1,5 @@
 """Normalized coordinate maps (CoordConv, Liu et al. 2018), used by both SOLOv2 heads."""
+
 import torch
 
 

@@ -9,6 +9,7 @@ so that kernels can be position-sensitive.
 Module and parameter names (``cate_tower``, ``kernel_tower``, ``cate_pred``, ``kernel_pred``) match
 the official/AdelaiDet implementation so its checkpoints load unchanged.
 """
+
 import math
 from typing import List, Tuple
 

@@ -8,6 +8,7 @@ first conv, which gives the position information the dynamic kernels rely on.
 Module names (``convs_all_levels.<level>.conv<j>``, ``conv_pred``) match the official/AdelaiDet
 implementation so its checkpoints load unchanged.
 """
+
 from typing import List
 
 import torch
