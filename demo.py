@@ -69,11 +69,27 @@ def expand_inputs(patterns):
     return paths
 
 
-def output_path(args, path, num_inputs):
-    if args.output.lower().endswith(".png") and num_inputs == 1:
-        return args.output
-    os.makedirs(args.output, exist_ok=True)
-    return os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".png")
+def output_paths(output, paths):
+    """Where each input's PNG goes: ``output`` itself for a single input named *.png, else
+    ``output/<stem>.png`` (``<stem>_<ext>.png`` when two inputs share a stem, so that
+    a.jpg and a.png do not overwrite each other)."""
+    if output.lower().endswith(".png"):
+        if len(paths) != 1:
+            raise SystemExit(
+                "--output {} is a .png file but there are {} inputs: give a folder".format(
+                    output, len(paths)
+                )
+            )
+        return [output]
+    stems = [os.path.splitext(os.path.basename(p)) for p in paths]
+    counts = {}
+    for stem, _ in stems:
+        counts[stem] = counts.get(stem, 0) + 1
+    names = [
+        stem + (("_" + ext.lstrip(".")) if counts[stem] > 1 and ext else "") + ".png"
+        for stem, ext in stems
+    ]
+    return [os.path.join(output, name) for name in names]
 
 
 def draw(predictor, metadata, image_bgr, confidence_threshold):
@@ -94,8 +110,9 @@ def main(argv=None):
     if not paths:
         logger.error("no input images found for %s", args.input)
         return 1
+    targets = output_paths(args.output, paths)
     written, failed = 0, []
-    for path in paths:
+    for path, target in zip(paths, targets):
         try:
             image = read_image(path, format=cfg.INPUT.FORMAT)
         except Exception as error:  # unreadable / missing / corrupt: report and go on
@@ -103,7 +120,7 @@ def main(argv=None):
             failed.append(path)
             continue
         vis, count = draw(predictor, metadata, image, args.confidence_threshold)
-        target = output_path(args, path, len(paths))
+        os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
         vis.save(target)
         logger.info("%s: %d instances -> %s", path, count, target)
         written += 1

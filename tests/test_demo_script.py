@@ -164,3 +164,11 @@ def test_demo_fails_when_nothing_can_be_drawn(model_files, tmp_path, demo_log):
     assert run_demo(model_files, [str(tmp_path / "nothing_*.png")], tmp_path / "vis") == 1
     assert any("no input images" in message for message in errors(demo_log))
     assert not os.path.exists(tmp_path / "vis")
+
+
+def test_output_names_do_not_collide_and_single_png_needs_single_input():
+    paths = ["in/a.jpg", "in/a.png", "in/b.jpg"]
+    assert demo.output_paths("out", paths) == ["out/a_jpg.png", "out/a_png.png", "out/b.png"]
+    assert demo.output_paths("x.png", ["in/a.jpg"]) == ["x.png"]
+    with pytest.raises(SystemExit, match="give a folder"):
+        demo.output_paths("x.png", paths)
