@@ -130,9 +130,15 @@ def test_mask_areas_and_mask_dtypes():
 
 
 def test_two_empty_masks_count_as_identical():
-    masks = torch.zeros(2, 4, 4, dtype=torch.bool)
-    out = matrix_nms(masks, torch.tensor([0, 0]), torch.tensor([0.9, 0.8]))
-    assert torch.allclose(out, torch.tensor([0.9, 0.8 * math.exp(-2)]))
+    # A = cols {0,1}, E1 = E2 = empty, D = cols {1,2}; iou(A,D) = 1/3, iou(E1,E2) = 1 (both
+    # empty: union 0), any empty mask with a non-empty one 0. Compensation: E2 1, D 1/3.
+    # Gaussian: E2 decays by f(1) = exp(-2) from E1; D by f(1/3) = exp(-2/9) from A.
+    masks = column_masks({0, 1}, set(), set(), {1, 2})
+    labels, scores = torch.zeros(4, dtype=torch.long), torch.tensor([0.9, 0.8, 0.7, 0.6])
+    out = matrix_nms(masks, labels, scores)
+    expected = torch.tensor([0.9, 0.8, 0.7 * math.exp(-2), 0.6 * math.exp(-2 / 9)])
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert torch.equal(out, matrix_nms_dense(masks, labels, scores))
 
 
 def random_candidates(num, height, width, num_classes, seed):

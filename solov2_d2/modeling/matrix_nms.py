@@ -37,12 +37,13 @@ __all__ = ["matrix_nms", "matrix_nms_dense", "mask_nms"]
 _KERNELS = ("gaussian", "linear")
 
 # Cost model of one block in the fast intersection path, in microseconds on a 2-core x86 CPU
-# (measured with torch's CPU BLAS). It only steers where the image is split, never the result.
-_BLOCK_OVERHEAD_US = 10.0  # indexing, dtype conversion and matmul call of one block
-_GATHER_US_PER_PIXEL = 2.5e-4  # copying one mask pixel of a block into the float matrix
-_MATMUL_US_PER_FLOP = 1.3e-5  # float32 GEMM throughput, about 150 GFLOP/s
+# (fitted to torch's CPU BLAS and indexing). It only steers where blocks are split, never the
+# result; within a factor of 2 of these values the total time changes by less than ~20%.
+_BLOCK_OVERHEAD_US = 20.0  # Python and dispatch cost of one block's copy and matmul calls
+_GATHER_US_PER_PIXEL = 5e-4  # copying one mask pixel of a block into the float matrix
+_MATMUL_US_PER_FLOP = 1.3e-5  # float32 GEMM throughput, about 75 GFLOP/s counting 2 per product
 _MATMUL_MIN_ROWS = 16  # small GEMMs run far below peak: count them as if 16 rows wider
-# Blocks whose estimated cost is below this are not worth another split (each adds an overhead).
+# Blocks estimated cheaper than this are not worth another split (each adds an overhead).
 _MIN_SPLIT_COST_US = 3 * _BLOCK_OVERHEAD_US
 
 IntersectionFn = Callable[[Tensor, Tensor, bool], Tuple[Tensor, Optional[Tensor]]]
@@ -59,8 +60,8 @@ def matrix_nms(
     """Matrix NMS (paper Sec. 4, Eq. 4-5): decays the scores of overlapping same-class masks.
 
     Same result as :func:`matrix_nms_dense`, computed with class-wise, box-restricted matmuls
-    (see the module docstring). On GPUs the single dense matmul is faster than many small blocks,
-    so tensors that are not on the CPU go through the dense path.
+    (see the module docstring). Masks that are not on the CPU go through the dense path: one large
+    matmul is what GPUs do best, and the block path was written and measured for CPUs only.
 
     Args:
         masks: (N, H, W) binary masks: bool, or 0/1 values of any dtype.
