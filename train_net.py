@@ -9,6 +9,7 @@ import os
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
+from detectron2.data import build_detection_test_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import DatasetEvaluators, verify_results
 from detectron2.utils import comm
@@ -16,6 +17,7 @@ from detectron2.utils import comm
 from solov2_d2 import add_solov2_config
 from solov2_d2.compat import build_coco_evaluator
 from solov2_d2.data import SOLOv2DatasetMapper
+from solov2_d2.data.checks import get_dataset_dicts
 from solov2_d2.engine import SOLOv2TrainerMixin, build_resumable_train_loader
 
 
@@ -38,10 +40,7 @@ class Trainer(SOLOv2TrainerMixin, DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        from detectron2.data import build_detection_test_loader
-
-        from solov2_d2.data.checks import get_dataset_dicts
-
+        """The checked dataset (empty split, class count, missing files) in Detectron2's loader."""
         dataset = get_dataset_dicts(
             dataset_name, training=False, num_classes=cfg.MODEL.SOLOV2.NUM_CLASSES
         )
