@@ -1,4 +1,5 @@
-"""The foundation: the venv's Detectron2 imports, its fixes hold, missing compiled ops fail clearly."""
+"""The foundation: the venv's Detectron2 imports, its fixes hold, missing compiled ops fail
+clearly."""
 import os
 import subprocess
 import sys

@@ -66,7 +66,8 @@ def main(argv=None):
     started = time.time()
     register_builtin_shapes()
     for name in ("solov2_shapes_train", "solov2_shapes_val"):
-        print("[demo] dataset {}: {} images".format(name, len(DatasetCatalog.get(name))), flush=True)
+        count = len(DatasetCatalog.get(name))
+        print("[demo] dataset {}: {} images".format(name, count), flush=True)
     generated = time.time()
 
     d2_args = default_argument_parser().parse_args(

@@ -8,10 +8,10 @@ three paths that applies and prints which one it took:
                 compiled CUDA ops must survive ``make setup``).
 2. ``source``:  ``$DETECTRON2_SOURCE`` names a Detectron2 source tree or archive (e.g. a checkout of
                 the upstream repository): build and install it *with* its compiled ops.
-3. ``sdist``:   build Detectron2 v0.6 from the registry's ``pb1-detectron2==0.6`` sdist, which ships
-                the Python code but not ``detectron2/layers/csrc``. We install the Python code with a
-                small ``detectron2/_C`` stand-in whose compiled ops raise a clear ``RuntimeError``,
-                and apply two small patches that upstream Detectron2 made later (see PATCHES).
+3. ``sdist``:   build Detectron2 v0.6 from the registry's ``pb1-detectron2==0.6`` sdist, which
+                ships the Python code but not ``detectron2/layers/csrc``. We install the Python
+                code with a small ``detectron2/_C`` stand-in whose compiled ops raise a clear
+                ``RuntimeError``, and apply two small fixes that upstream made later (PATCHES).
 
 In every path, Detectron2's real runtime dependencies are installed explicitly (v0.6's own
 ``install_requires`` pins stale tools such as ``black==21.4b2`` that we do not want).
@@ -110,7 +110,10 @@ _HOW_TO_FIX = (
 
 
 def get_compiler_version():
-    return "none: pb1-detectron2==0.6 sdist, compiled ops replaced by a stand-in (install path: sdist)"
+    return (
+        "none: pb1-detectron2==0.6 sdist, compiled ops replaced by a stand-in "
+        "(install path: sdist)"
+    )
 
 
 def get_cuda_version():
