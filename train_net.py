@@ -18,7 +18,7 @@ from solov2_d2 import add_solov2_config
 from solov2_d2.compat import build_coco_evaluator
 from solov2_d2.data import SOLOv2DatasetMapper
 from solov2_d2.data.checks import get_dataset_dicts
-from solov2_d2.engine import SOLOv2TrainerMixin, build_resumable_train_loader
+from solov2_d2.engine import SOLOv2TrainerMixin, build_optimizer, build_resumable_train_loader
 
 
 class Trainer(SOLOv2TrainerMixin, DefaultTrainer):
@@ -32,6 +32,11 @@ class Trainer(SOLOv2TrainerMixin, DefaultTrainer):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return DatasetEvaluators([build_coco_evaluator(dataset_name, output_folder)])
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """Detectron2's SGD, or AdamW with the same parameter groups (SOLVER.OPTIMIZER)."""
+        return build_optimizer(cfg, model)
 
     @classmethod
     def build_train_loader(cls, cfg):

@@ -86,3 +86,8 @@ def add_solov2_config(cfg):
     _C.MODEL.SOLOV2.LOSS.FOCAL_WEIGHT = 1.0
     # Weight of the dice mask loss (lambda in paper Eq. 1).
     _C.MODEL.SOLOV2.LOSS.DICE_WEIGHT = 3.0
+
+    # ---- Solver (solov2_d2) ----
+    if "OPTIMIZER" not in _C.SOLVER:
+        # "SGD" (Detectron2's, used by every COCO config) or "ADAMW" (the from-scratch CPU demo).
+        _C.SOLVER.OPTIMIZER = "SGD"
