@@ -1,7 +1,7 @@
 """Bad input and faults (issue 5): every messy annotation, image and run either trains normally,
 skips the bad part with a warning naming the annotation, or stops with a message naming the file.
 
-The policy per case is in README.md ("Custom datasets"); each test below covers one bullet of it. The
+The policy per case is in README.md; each test below covers one bullet of it. The
 exact-resume test is in test_resume_determinism.py.
 """
 

@@ -2,7 +2,7 @@
 
 Users bring messy COCO-style datasets. Everything here either lets an image train normally, skips
 the one bad part with a warning that names the annotation, or stops with a ``DatasetError`` that
-names the dataset, the file and the annotation id and says what is wrong. README.md ("Custom datasets")
+names the dataset, the file and the annotation id and says what is wrong. README.md
 has the full table; in short:
 
 Stops (``DatasetError``)

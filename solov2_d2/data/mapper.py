@@ -1,6 +1,6 @@
 """Dataset mapper for SOLOv2: Detectron2's ``DatasetMapper`` with input checks that name the file.
 
-What differs from Detectron2's mapper (see solov2_d2/data/checks.py and README.md ("Custom datasets")):
+What differs from Detectron2's mapper (see solov2_d2/data/checks.py and README.md):
 
 * images are read with ``checks.read_image``: fully decoded at once, 16-bit grayscale scaled to
   8 bit instead of clipped, missing and corrupt files reported by name;

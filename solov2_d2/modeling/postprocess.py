@@ -4,7 +4,19 @@ The order of operations follows the official implementation (and so its predicti
 corrections: soft masks are always upsampled by exactly the mask-feature stride (4) to the padded
 input before cropping, so every image of a mixed-size batch gets its own correct masks, and
 ``pred_boxes`` are the tight boxes of the final masks rather than zeros.
+
+Two implementations give the same predictions, bit for bit (``tests/test_fast_path.py``):
+
+- :func:`postprocess_single_image`, the one the model uses, works at mask-feature resolution
+  (1/4 of the input) until the end: it thresholds and counts the candidates' masks there, moves
+  indices rather than masks through the filtering, sorting and NMS steps, and upsamples only the
+  final detections, a few at a time, straight into the output masks.
+- :func:`postprocess_single_image_reference` is the straightforward form: it upsamples every
+  candidate's soft mask to the output size before any filtering and uses the dense Matrix NMS
+  of the official code. It exists to check the fast path and to measure it against
+  (``benchmarks/inference.py``).
 """
+
 from dataclasses import dataclass
 from typing import Tuple
 
@@ -12,9 +24,15 @@ import torch
 import torch.nn.functional as F
 from detectron2.structures import Boxes, Instances
 
-from .matrix_nms import mask_nms, matrix_nms
+from .matrix_nms import mask_nms, matrix_nms, matrix_nms_dense
 
 MASK_FEATURE_STRIDE = 4
+
+# Elements of candidate masks reduced per step, and output pixels upsampled per step: bounded
+# temporaries stay in the CPU caches and in memory the allocator reuses (a fresh allocation of
+# tens of MB costs page faults, often more than the arithmetic that fills it).
+_ELEMENTS_PER_CHUNK = 1 << 22
+_OUTPUT_PIXELS_PER_CHUNK = 1 << 22
 
 
 @dataclass
@@ -45,8 +63,10 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     (x2 = last column + 1); an empty mask gives a zero box."""
     if masks.shape[0] == 0:
         return torch.zeros((0, 4), dtype=torch.float32, device=masks.device)
-    rows = masks.any(dim=2)
-    cols = masks.any(dim=1)
+    # A max over a uint8 view is an order of magnitude faster than any() over bools on the CPU.
+    values = masks.view(torch.uint8) if masks.dtype == torch.bool else (masks != 0).byte()
+    rows = values.amax(dim=2) != 0
+    cols = values.amax(dim=1) != 0
     h, w = masks.shape[1:]
     # argmax finds the first True; on the flipped vector it finds the last one.
     y1 = rows.float().argmax(dim=1)
@@ -71,6 +91,92 @@ def empty_instances(output_size: Tuple[int, int], device) -> Instances:
     return result
 
 
+def _instances(masks, scores, labels, output_size) -> Instances:
+    result = Instances(output_size)
+    result.pred_masks = masks
+    result.pred_boxes = Boxes(masks_to_boxes(masks))
+    result.scores = scores
+    result.pred_classes = labels
+    return result
+
+
+def _feature_matrix(mask_feature: torch.Tensor) -> torch.Tensor:
+    """(E, Hf, Wf) -> (E, Hf * Wf) without a copy, for NCHW and channels-last features alike."""
+    if mask_feature.is_contiguous():
+        return mask_feature.view(mask_feature.shape[0], -1)
+    hwe = mask_feature.permute(1, 2, 0)
+    if hwe.is_contiguous():  # channels-last: the transpose of a contiguous (Hf * Wf, E) matrix
+        return hwe.reshape(-1, mask_feature.shape[0]).t()
+    return mask_feature.reshape(mask_feature.shape[0], -1)
+
+
+def _candidate_soft_masks(kernels: torch.Tensor, mask_feature: torch.Tensor) -> torch.Tensor:
+    """M = sigmoid(G * F) of the candidates, as one matmul: (n, E) @ (E, Hf * Wf)."""
+    return (kernels @ _feature_matrix(mask_feature)).sigmoid_()
+
+
+def _areas_and_maskness(soft_masks: torch.Tensor, threshold: float):
+    """Per flat (n, P) soft mask: binary mask, its area and the maskness (mean soft value inside).
+
+    The same sums as ``maskness`` and ``binary.sum``, bit for bit (each row is reduced on its own,
+    over the same values), in a few passes over chunks of rows that stay in the CPU caches:
+    ``threshold`` keeps the soft values inside the mask and zeroes the rest, their sum is the
+    maskness numerator, and ``ceil`` turns them into ones, whose sum is the area (exact in
+    float32 below 2**24 pixels). Summing bools directly is several times slower.
+    """
+    binary = soft_masks > threshold
+    num, pixels = soft_masks.shape
+    areas = soft_masks.new_empty(num)
+    soft_sums = soft_masks.new_empty(num)
+    if threshold < 0:  # a zero soft value (sigmoid underflow) would be inside yet count 0
+        areas.copy_(binary.sum(dim=1))
+        torch.sum(torch.where(binary, soft_masks, 0.0), dim=1, out=soft_sums)
+        return binary, areas, soft_sums / areas
+    rows_per_chunk = max(1, _ELEMENTS_PER_CHUNK // max(pixels, 1))
+    for start in range(0, num, rows_per_chunk):
+        rows = slice(start, start + rows_per_chunk)
+        inside = F.threshold(soft_masks[rows], threshold, 0.0)
+        torch.sum(inside, dim=1, out=soft_sums[rows])
+        torch.sum(inside.ceil_(), dim=1, out=areas[rows])
+    return binary, areas, soft_sums / areas
+
+
+def _upsample_and_threshold(soft_masks, image_size, output_size, threshold) -> torch.Tensor:
+    """(k, Hf, Wf) soft masks -> (k, *output_size) bool masks: x4 to the padded input, crop the
+    image, resize to the output size, threshold. Done a few masks at a time into reused buffers,
+    so no full-resolution float copy of all the masks exists at once."""
+    num, feat_h, feat_w = soft_masks.shape
+    h, w = image_size
+    padded_size = [feat_h * MASK_FEATURE_STRIDE, feat_w * MASK_FEATURE_STRIDE]
+    resize = tuple(output_size) != (h, w)
+    out = torch.empty((num, *output_size), dtype=torch.bool, device=soft_masks.device)
+    if num == 0:
+        return out
+    if soft_masks.device.type == "cpu":
+        largest = max(padded_size[0] * padded_size[1], output_size[0] * output_size[1])
+        chunk = max(1, min(num, _OUTPUT_PIXELS_PER_CHUNK // largest))
+    else:
+        chunk = num
+    padded_buffer = soft_masks.new_empty((1, chunk, *padded_size))
+    output_buffer = soft_masks.new_empty((1, chunk, *output_size)) if resize else None
+    inputs = soft_masks.unsqueeze(0)
+    for start in range(0, num, chunk):
+        end = min(num, start + chunk)
+        padded = padded_buffer[:, : end - start]
+        # F.interpolate(..., mode="bilinear", align_corners=False) writing into a buffer.
+        torch.ops.aten.upsample_bilinear2d.out(
+            inputs[:, start:end], padded_size, False, None, None, out=padded
+        )
+        masks = padded[:, :, :h, :w]
+        if resize:
+            masks = torch.ops.aten.upsample_bilinear2d.out(
+                masks, list(output_size), False, None, None, out=output_buffer[:, : end - start]
+            )
+        # Resizing (h, w) to (h, w) is the identity (bilinear weights 1 and 0), so it is skipped.
+        torch.gt(masks[0], threshold, out=out[start:end])
+    return out
+
+
 def postprocess_single_image(
     category_scores: torch.Tensor,
     kernel_preds: torch.Tensor,
@@ -92,32 +198,119 @@ def postprocess_single_image(
         output_size: (height, width) requested for the output masks.
     """
     device = mask_feature.device
+    output_size = (int(output_size[0]), int(output_size[1]))
     candidates = (category_scores > params.score_threshold).nonzero()
     if candidates.shape[0] == 0:
         return empty_instances(output_size, device)
     cells, labels = candidates[:, 0], candidates[:, 1]
     scores = category_scores[cells, labels]
 
-    # M = G * F for the candidates only: one matmul of their 1x1 kernels with F.
+    # M = G * F for the candidates only, thresholded and measured at feature resolution.
+    feat_h, feat_w = mask_feature.shape[1:]
+    soft_masks = _candidate_soft_masks(kernel_preds[cells], mask_feature)
+    binary_masks, areas, mask_quality = _areas_and_maskness(soft_masks, params.mask_threshold)
+
+    # From here on candidates are moved around as indices into soft/binary_masks.
+    kept = (areas > cell_strides[cells]).nonzero()[:, 0]
+    if kept.shape[0] == 0:
+        return empty_instances(output_size, device)
+    scores = scores[kept] * mask_quality[kept]
+    order = torch.sort(scores, descending=True, stable=True).indices[: params.nms_pre]
+    kept, scores = kept[order], scores[order]
+    labels = labels[kept]
+    nms_masks = binary_masks[kept].view(-1, feat_h, feat_w)
+
+    if params.nms_type == "matrix":
+        scores = matrix_nms(
+            nms_masks,
+            labels,
+            scores,
+            kernel=params.nms_kernel,
+            sigma=params.nms_sigma,
+            mask_areas=areas[kept],
+        )
+        survivors = (scores >= params.update_threshold).nonzero()[:, 0]
+    else:
+        keep = mask_nms(
+            nms_masks,
+            labels,
+            scores,
+            iou_threshold=params.mask_nms_iou_threshold,
+            mask_areas=areas[kept],
+        )
+        survivors = keep.nonzero()[:, 0]
+    if survivors.shape[0] == 0:
+        return empty_instances(output_size, device)
+    scores, labels, kept = scores[survivors], labels[survivors], kept[survivors]
+    order = torch.sort(scores, descending=True, stable=True).indices[: params.max_per_image]
+    scores, labels, kept = scores[order], labels[order], kept[order]
+
+    final_masks = _upsample_and_threshold(
+        soft_masks[kept].view(-1, feat_h, feat_w),
+        image_size,
+        output_size,
+        params.mask_threshold,
+    )
+    return _instances(final_masks, scores, labels, output_size)
+
+
+def postprocess_single_image_reference(
+    category_scores: torch.Tensor,
+    kernel_preds: torch.Tensor,
+    mask_feature: torch.Tensor,
+    cell_strides: torch.Tensor,
+    image_size: Tuple[int, int],
+    output_size: Tuple[int, int],
+    params: InferenceParams,
+) -> Instances:
+    """The straightforward form of :func:`postprocess_single_image`, same arguments and result.
+
+    Every candidate's soft mask is upsampled to the output size (x4, crop, resize) and
+    thresholded before the candidates are filtered; the filtering itself (area, maskness, NMS)
+    runs at feature resolution on full copies of the masks, with the dense Matrix NMS of the
+    official code (``matrix_nms_dense``). Memory grows as candidates x output pixels (about
+    1.2 GB per 300 candidates at 800 x 1216): a reference, not for production.
+    """
+    device = mask_feature.device
+    output_size = (int(output_size[0]), int(output_size[1]))
+    candidates = (category_scores > params.score_threshold).nonzero()
+    if candidates.shape[0] == 0:
+        return empty_instances(output_size, device)
+    cells, labels = candidates[:, 0], candidates[:, 1]
+    scores = category_scores[cells, labels]
+
     num_masks, feat_h, feat_w = mask_feature.shape
     soft_masks = (kernel_preds[cells] @ mask_feature.reshape(num_masks, -1)).sigmoid()
     soft_masks = soft_masks.view(-1, feat_h, feat_w)
+
+    # Full-resolution masks of every candidate: x4 to the padded input, crop, resize.
+    h, w = image_size
+    full_soft = F.interpolate(
+        soft_masks.unsqueeze(0),
+        size=(feat_h * MASK_FEATURE_STRIDE, feat_w * MASK_FEATURE_STRIDE),
+        mode="bilinear",
+        align_corners=False,
+    )[:, :, :h, :w]
+    full_soft = F.interpolate(full_soft, size=output_size, mode="bilinear", align_corners=False)
+    full_masks = full_soft.squeeze(0) > params.mask_threshold
+    del full_soft
+
     binary_masks = soft_masks > params.mask_threshold
     areas = binary_masks.sum(dim=(1, 2)).float()
+    scores = scores * maskness(soft_masks, binary_masks, areas)
 
     keep = areas > cell_strides[cells]
     if not bool(keep.any()):
         return empty_instances(output_size, device)
-    soft_masks, binary_masks, areas = soft_masks[keep], binary_masks[keep], areas[keep]
+    binary_masks, full_masks, areas = binary_masks[keep], full_masks[keep], areas[keep]
     scores, labels = scores[keep], labels[keep]
 
-    scores = scores * maskness(soft_masks, binary_masks, areas)
     order = torch.sort(scores, descending=True, stable=True).indices[: params.nms_pre]
-    soft_masks, binary_masks, areas = soft_masks[order], binary_masks[order], areas[order]
+    binary_masks, full_masks, areas = binary_masks[order], full_masks[order], areas[order]
     scores, labels = scores[order], labels[order]
 
     if params.nms_type == "matrix":
-        scores = matrix_nms(
+        scores = matrix_nms_dense(
             binary_masks,
             labels,
             scores,
@@ -136,24 +329,6 @@ def postprocess_single_image(
         )
     if not bool(keep.any()):
         return empty_instances(output_size, device)
-    soft_masks, scores, labels = soft_masks[keep], scores[keep], labels[keep]
+    full_masks, scores, labels = full_masks[keep], scores[keep], labels[keep]
     order = torch.sort(scores, descending=True, stable=True).indices[: params.max_per_image]
-    soft_masks, scores, labels = soft_masks[order], scores[order], labels[order]
-
-    # Back to the padded input (x4), crop the image, then resize to the requested size.
-    h, w = image_size
-    soft_masks = F.interpolate(
-        soft_masks.unsqueeze(0),
-        size=(feat_h * MASK_FEATURE_STRIDE, feat_w * MASK_FEATURE_STRIDE),
-        mode="bilinear",
-        align_corners=False,
-    )[:, :, :h, :w]
-    soft_masks = F.interpolate(soft_masks, size=output_size, mode="bilinear", align_corners=False)
-    final_masks = soft_masks.squeeze(0) > params.mask_threshold
-
-    result = Instances(output_size)
-    result.pred_masks = final_masks
-    result.pred_boxes = Boxes(masks_to_boxes(final_masks))
-    result.scores = scores
-    result.pred_classes = labels
-    return result
+    return _instances(full_masks[order], scores[order], labels[order], output_size)

@@ -1,6 +1,7 @@
 """The SOLOv2 META_ARCHITECTURE: image -> ResNet-FPN -> kernel head + mask-feature head ->
 (training) center-region targets + focal/dice losses, or (inference) Matrix NMS -> ``Instances``.
 """
+
 from typing import Dict, List
 
 import torch
@@ -226,7 +227,18 @@ class SOLOv2(nn.Module):
         )
 
     # ----------------------------------------------------------------------------- inference
-    def inference(self, category_logits, kernel_preds, mask_feature, images, batched_inputs):
+    def inference(
+        self,
+        category_logits,
+        kernel_preds,
+        mask_feature,
+        images,
+        batched_inputs,
+        postprocess=postprocess_single_image,
+    ):
+        """Per-image ``postprocess`` of the heads' outputs; ``postprocess`` is
+        ``postprocess_single_image`` or anything with its signature (the benchmarks and tests
+        pass ``postprocess_single_image_reference``)."""
         category_scores = torch.cat(
             [point_nms(level.sigmoid()).flatten(2) for level in category_logits], dim=2
         )  # (N, C, num_cells)
@@ -237,7 +249,7 @@ class SOLOv2(nn.Module):
                 int(inputs.get("height", image_size[0])),
                 int(inputs.get("width", image_size[1])),
             )
-            instances = postprocess_single_image(
+            instances = postprocess(
                 category_scores[i].t(),
                 kernels[i].t(),
                 mask_feature[i],
