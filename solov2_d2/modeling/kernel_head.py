@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from torch import nn
 
-from .coord import append_coordinates
+from .layers import append_coordinates, conv_norm_relu
 
 
 def instance_level_features(features: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -43,12 +43,7 @@ def instance_level_features(features: List[torch.Tensor]) -> List[torch.Tensor]:
 def _conv_tower(in_channels: int, channels: int, num_convs: int, norm: str) -> nn.Sequential:
     layers = []
     for i in range(num_convs):
-        layers.append(
-            nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1, bias=not norm)
-        )
-        if norm == "GN":
-            layers.append(nn.GroupNorm(32, channels))
-        layers.append(nn.ReLU(inplace=True))
+        layers += conv_norm_relu(in_channels if i == 0 else channels, channels, 3, norm)
     return nn.Sequential(*layers)
 
 

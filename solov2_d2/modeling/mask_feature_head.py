@@ -15,17 +15,11 @@ import torch
 from detectron2.config import configurable
 from torch import nn
 
-from .coord import append_coordinates
+from .layers import append_coordinates, conv_norm_relu
 
 
 def _conv_norm_relu(in_channels, out_channels, kernel_size, norm):
-    layers = [
-        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=not norm)
-    ]
-    if norm == "GN":
-        layers.append(nn.GroupNorm(32, out_channels))
-    layers.append(nn.ReLU(inplace=True))
-    return nn.Sequential(*layers)
+    return nn.Sequential(*conv_norm_relu(in_channels, out_channels, kernel_size, norm))
 
 
 class SOLOv2MaskFeatureHead(nn.Module):

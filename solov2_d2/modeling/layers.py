@@ -1,6 +1,9 @@
-"""Normalized coordinate maps (CoordConv, Liu et al. 2018), used by both SOLOv2 heads."""
+"""Small building blocks shared by both SOLOv2 heads: coordinate channels and conv blocks."""
+
+from typing import List
 
 import torch
+from torch import nn
 
 
 def append_coordinates(features: torch.Tensor) -> torch.Tensor:
@@ -15,3 +18,17 @@ def append_coordinates(features: torch.Tensor) -> torch.Tensor:
     grid_y, grid_x = torch.meshgrid(y, x, indexing="ij")
     coords = torch.stack([grid_x, grid_y]).unsqueeze(0).expand(n, -1, -1, -1)
     return torch.cat([features, coords], dim=1)
+
+
+def conv_norm_relu(
+    in_channels: int, out_channels: int, kernel_size: int, norm: str
+) -> List[nn.Module]:
+    """[conv, GroupNorm(32) if norm == "GN", ReLU]: the heads' basic block. A list, so that towers
+    can be flat ``nn.Sequential``s whose indices match the official checkpoints' key names."""
+    layers = [
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=not norm)
+    ]
+    if norm == "GN":
+        layers.append(nn.GroupNorm(32, out_channels))
+    layers.append(nn.ReLU(inplace=True))
+    return layers
