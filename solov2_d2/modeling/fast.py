@@ -1,0 +1,90 @@
+"""Inference-time transforms that make a SOLOv2 model faster without changing what it predicts.
+
+``optimize_for_inference(model)`` rewrites a model in place for inference:
+
+1. Frozen batch norm is folded into the convolution before it. Detectron2's ResNet (and any
+   ``detectron2.layers.Conv2d`` with a ``norm``) applies ``FrozenBatchNorm2d``, an affine map
+   ``y = x * scale + shift`` per channel, after each convolution; the same map applied to the
+   convolution's weights and bias gives one convolution and saves a full pass over every
+   activation. Eval-mode ``nn.BatchNorm2d`` is folded the same way. GroupNorm (SOLOv2's heads)
+   depends on the activations and is left alone.
+2. On the CPU, 4-D weights are converted to channels-last (NHWC). oneDNN's convolutions then run
+   on NHWC activations directly instead of reordering every input and output, which is several
+   times faster for the wide, thin early layers of a ResNet; every later op (GroupNorm,
+   interpolation, max pooling, addition) has an NHWC kernel as well.
+
+Both change float rounding only: folding computes ``conv(x, w * s) + b'`` instead of
+``conv(x, w) * s + b``, and NHWC convolutions sum in another order. A trained model keeps its
+detections (same instances and classes; scores and masks differ by float rounding, see
+``tests/test_fast_path.py`` and ``benchmarks/inference.py``). The transformed model is meant for
+inference only: its batch norm statistics are baked into the weights.
+"""
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+__all__ = ["fold_frozen_batchnorm", "optimize_for_inference"]
+
+
+def _foldable_norm(norm) -> bool:
+    from detectron2.layers import FrozenBatchNorm2d
+
+    if isinstance(norm, FrozenBatchNorm2d):
+        return True
+    # Eval-mode batch norm is the same per-channel affine map (SyncBatchNorm included).
+    return (
+        isinstance(norm, nn.modules.batchnorm._BatchNorm)
+        and not norm.training
+        and norm.track_running_stats
+        and norm.running_mean is not None
+    )
+
+
+@torch.no_grad()
+def _fold_into_conv(conv: nn.Conv2d, norm) -> None:
+    """``conv`` followed by ``norm`` -> one ``conv``; the affine map is computed in float64."""
+    weight = norm.weight if norm.weight is not None else torch.ones_like(norm.running_mean)
+    bias = norm.bias if norm.bias is not None else torch.zeros_like(norm.running_mean)
+    scale = weight.double() * (norm.running_var.double() + norm.eps).rsqrt()
+    shift = bias.double() - norm.running_mean.double() * scale
+    dtype = conv.weight.dtype
+    folded_weight = conv.weight.double() * scale.view(-1, *([1] * (conv.weight.dim() - 1)))
+    folded_bias = shift if conv.bias is None else conv.bias.double() * scale + shift
+    conv.weight = nn.Parameter(folded_weight.to(dtype), requires_grad=conv.weight.requires_grad)
+    conv.bias = nn.Parameter(folded_bias.to(dtype), requires_grad=conv.weight.requires_grad)
+
+
+def fold_frozen_batchnorm(model: nn.Module) -> int:
+    """Folds every foldable ``norm`` of a ``detectron2.layers.Conv2d`` into its weights, in place.
+
+    Detectron2's conv wrapper runs ``conv -> norm -> activation``; after folding, ``norm`` is
+    ``None`` and the conv carries the bias. Returns the number of folded norms.
+    """
+    folded = 0
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d) and _foldable_norm(getattr(module, "norm", None)):
+            _fold_into_conv(module, module.norm)
+            module.norm = None
+            folded += 1
+    return folded
+
+
+def optimize_for_inference(model: nn.Module, channels_last: Optional[bool] = None) -> nn.Module:
+    """Makes ``model`` faster for inference, in place, and returns it (in eval mode).
+
+    Args:
+        model: a SOLOv2 model (any module works: the transforms look for convs with a foldable
+            ``norm`` and for 4-D weights).
+        channels_last: convert to NHWC; default: on the CPU only (on GPUs NCHW is the better
+            default for float32 convolutions).
+    """
+    model.eval()
+    fold_frozen_batchnorm(model)
+    if channels_last is None:
+        first = next(model.parameters(), None)
+        channels_last = first is not None and first.device.type == "cpu"
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
