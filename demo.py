@@ -6,6 +6,7 @@
 
 --input takes files, folders and glob patterns. Unreadable files are reported and skipped.
 """
+
 import argparse
 import glob
 import logging

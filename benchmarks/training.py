@@ -16,7 +16,9 @@ Each step is split into
 - loss: the rest of ``SOLOv2.losses``: positive kernels, their masks as one matmul, focal and
   dice losses;
 - backward: ``sum(losses).backward()``;
-- optimizer: an SGD step (momentum 0.9, weight decay 1e-4, as the config's solver).
+- optimizer: an SGD step (momentum 0.9, the config's weight decay, and the learning rate of the
+  schedule's first iteration, BASE_LR x WARMUP_FACTOR: at the full rate a randomly initialized
+  model diverges within a step and its mask logits saturate).
 
 The table gives the median of each stage and of the step totals over the timed steps, after
 warm-up steps.
@@ -161,7 +163,7 @@ def main():
     model.train()
     optimizer = torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad],
-        lr=cfg.SOLVER.BASE_LR,
+        lr=cfg.SOLVER.BASE_LR * cfg.SOLVER.WARMUP_FACTOR,
         momentum=0.9,
         weight_decay=cfg.SOLVER.WEIGHT_DECAY,
     )

@@ -1,4 +1,5 @@
 """AdelaiDet SOLOv2 checkpoints load unchanged; our own checkpoints round-trip."""
+
 import json
 import logging
 import os

@@ -2,8 +2,8 @@ import math
 
 import torch
 
-from solov2_d2.modeling.layers import append_coordinates
 from solov2_d2.modeling.kernel_head import SOLOv2KernelHead, instance_level_features
+from solov2_d2.modeling.layers import append_coordinates
 from solov2_d2.modeling.mask_feature_head import SOLOv2MaskFeatureHead
 
 

@@ -1,5 +1,6 @@
 """The foundation: the venv's Detectron2 imports, its fixes hold, missing compiled ops fail
 clearly."""
+
 import os
 import subprocess
 import sys

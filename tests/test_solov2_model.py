@@ -1,4 +1,5 @@
 """The META_ARCH end to end on synthetic inputs: losses, training, inference, batching."""
+
 import pytest
 import torch
 from detectron2.modeling import build_model

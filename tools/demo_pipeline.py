@@ -8,6 +8,7 @@
 4. draw val predictions with Detectron2's Visualizer into <output>/vis/;
 5. print `mask AP <value>` as the very last line.
 """
+
 import argparse
 import json
 import os
@@ -106,8 +107,11 @@ def main(argv=None):
         json.dump(summary, f, indent=2)
     print("[demo] {} visualizations in {}".format(num_vis, os.path.join(args.output, "vis")))
     print("[demo] bbox AP {:.1f} (tight boxes of the masks)".format(results["bbox"]["AP"]))
-    print("[demo] wall time {:.0f} s (see {}/demo_results.json)".format(
-        finished - started, args.output))
+    print(
+        "[demo] wall time {:.0f} s (see {}/demo_results.json)".format(
+            finished - started, args.output
+        )
+    )
     print("mask AP {:.1f}".format(results["segm"]["AP"]))
 
 

@@ -16,6 +16,7 @@ three paths that applies and prints which one it took:
 In every path, Detectron2's real runtime dependencies are installed explicitly (v0.6's own
 ``install_requires`` pins stale tools such as ``black==21.4b2`` that we do not want).
 """
+
 import argparse
 import glob
 import os
@@ -69,7 +70,7 @@ PATCHES = [
 ]
 
 # Replaces v0.6's setup.py, which builds the C++ extension unconditionally and pins stale tools.
-SDIST_SETUP_PY = '''\
+SDIST_SETUP_PY = """\
 # Written by solov2_d2/tools/install_detectron2.py: Detectron2 v0.6 Python code, no C++ extension.
 from setuptools import find_packages, setup
 
@@ -88,7 +89,7 @@ setup(
     package_data={"detectron2.model_zoo": ["configs/**/*.yaml", "configs/**/*.py"]},
     python_requires=">=3.7",
 )
-'''
+"""
 
 # The stand-in for the compiled extension. Every attribute other than the version helpers is an op
 # that raises a RuntimeError naming itself and the way to a compiled build.
