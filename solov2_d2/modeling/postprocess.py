@@ -152,11 +152,11 @@ def _upsample_and_threshold(soft_masks, image_size, output_size, threshold) -> t
     out = torch.empty((num, *output_size), dtype=torch.bool, device=soft_masks.device)
     if num == 0:
         return out
-    if soft_masks.device.type == "cpu":
-        largest = max(padded_size[0] * padded_size[1], output_size[0] * output_size[1])
-        chunk = max(1, min(num, _OUTPUT_PIXELS_PER_CHUNK // largest))
-    else:
-        chunk = num
+    # Cache-sized chunks on the CPU; on an accelerator larger ones (2^28 float pixels = 1 GiB per
+    # buffer) keep kernels busy while bounding memory for huge outputs (100 x 4000 x 6000 masks).
+    budget = _OUTPUT_PIXELS_PER_CHUNK if soft_masks.device.type == "cpu" else 1 << 28
+    largest = max(padded_size[0] * padded_size[1], output_size[0] * output_size[1])
+    chunk = max(1, min(num, budget // largest))
     padded_buffer = soft_masks.new_empty((1, chunk, *padded_size))
     output_buffer = soft_masks.new_empty((1, chunk, *output_size)) if resize else None
     inputs = soft_masks.unsqueeze(0)
