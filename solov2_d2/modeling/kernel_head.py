@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from torch import nn
 
-from .layers import append_coordinates, conv_norm_relu
+from .layers import append_coordinates, conv_norm_relu, init_conv_weights
 
 
 def instance_level_features(features: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -85,11 +85,7 @@ class SOLOv2KernelHead(nn.Module):
         self.cate_pred = nn.Conv2d(channels, num_classes, 3, padding=1)
         self.kernel_pred = nn.Conv2d(channels, num_kernels, 3, padding=1)
 
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.normal_(module.weight, std=0.01)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0)
+        init_conv_weights(self)
         # Focal loss init (RetinaNet Sec. 3.3): start every class at probability prior_prob.
         nn.init.constant_(self.cate_pred.bias, -math.log((1 - prior_prob) / prior_prob))
 

@@ -32,3 +32,12 @@ def conv_norm_relu(
         layers.append(nn.GroupNorm(32, out_channels))
     layers.append(nn.ReLU(inplace=True))
     return layers
+
+
+def init_conv_weights(module: nn.Module) -> None:
+    """The official heads' init: every conv weight ~ N(0, 0.01), biases 0."""
+    for conv in module.modules():
+        if isinstance(conv, nn.Conv2d):
+            nn.init.normal_(conv.weight, std=0.01)
+            if conv.bias is not None:
+                nn.init.constant_(conv.bias, 0)

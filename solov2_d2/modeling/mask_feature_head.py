@@ -15,7 +15,7 @@ import torch
 from detectron2.config import configurable
 from torch import nn
 
-from .layers import append_coordinates, conv_norm_relu
+from .layers import append_coordinates, conv_norm_relu, init_conv_weights
 
 
 def _conv_norm_relu(in_channels, out_channels, kernel_size, norm):
@@ -63,11 +63,7 @@ class SOLOv2MaskFeatureHead(nn.Module):
             self.convs_all_levels.append(branch)
         self.conv_pred = _conv_norm_relu(channels, num_masks, 1, norm)
 
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.normal_(module.weight, std=0.01)
-                if module.bias is not None:
-                    nn.init.constant_(module.bias, 0)
+        init_conv_weights(self)
 
     @classmethod
     def from_config(cls, cfg):
