@@ -21,6 +21,7 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from solov2_d2 import add_solov2_config
+from solov2_d2.engine.memory import retain_freed_memory
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 logger = logging.getLogger("solov2_d2.demo")
@@ -103,6 +104,7 @@ def draw(predictor, metadata, image_bgr, confidence_threshold):
 def main(argv=None):
     args = get_parser().parse_args(argv)
     setup_logger(name="solov2_d2")
+    retain_freed_memory()  # solov2_d2/engine/memory.py: no page faults for large tensors
     cfg = setup_cfg(args)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     predictor = DefaultPredictor(cfg)

@@ -19,6 +19,7 @@ from solov2_d2.compat import build_coco_evaluator
 from solov2_d2.data import SOLOv2DatasetMapper
 from solov2_d2.data.checks import get_dataset_dicts
 from solov2_d2.engine import SOLOv2TrainerMixin, build_optimizer, build_resumable_train_loader
+from solov2_d2.engine.memory import retain_freed_memory
 
 
 class Trainer(SOLOv2TrainerMixin, DefaultTrainer):
@@ -67,6 +68,9 @@ def setup(args):
 
 
 def main(args):
+    # Large activations reuse freed memory instead of being faulted in on every iteration
+    # (solov2_d2/engine/memory.py; SOLOV2_D2_RETAIN_FREED_MEMORY=0 keeps glibc's defaults).
+    retain_freed_memory()
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)

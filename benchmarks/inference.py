@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""End-to-end SOLOv2 inference latency: the straightforward eager model against the optimized one.
+"""End-to-end SOLOv2 inference latency: the straightforward eager model against the optimized ones.
 
 Models: R50-FPN (configs/SOLOv2_R50_1x.yaml) at 800 x 1216 and SOLOv2-Light-512
 (configs/SOLOv2_Light_512_R50_3x.yaml) at 512 x 778 (padded to 512 x 800), both with
@@ -11,19 +11,28 @@ image-size binary masks and boxes); the table gives, per image, the median of ea
 the totals over the timed runs, after a warm-up run (the first runs of a process create oneDNN
 primitives and are several times slower).
 
-Two forms of the same weights run in the same process, their timed runs interleaved:
+Three forms of the same weights run in the same process, their timed runs interleaved:
 
 - eager: the model as built (NCHW, FrozenBatchNorm2d after every backbone conv), run under
   ``torch.no_grad`` like Detectron2's evaluator, with ``postprocess_single_image_reference``:
   every candidate's mask is upsampled to the image size before any filtering, and Matrix NMS is
   the dense one of the official code (``matrix_nms_dense``).
-- optimized: ``optimize_for_inference`` (FrozenBN folded into the convs, channels-last on the
-  CPU), ``torch.inference_mode`` and the model's own ``postprocess_single_image`` (masks
-  thresholded and counted at 1/4 resolution, class-aware box-restricted ``matrix_nms``, only the
-  final detections upsampled, chunk by chunk).
+- exact: the same model object under ``torch.inference_mode`` with its own
+  ``postprocess_single_image`` (masks thresholded and counted at 1/4 resolution, class-aware
+  box-restricted ``matrix_nms``, only the final detections upsampled, chunk by chunk): every
+  operation that changes float rounding is avoided, so its predictions must equal eager's bit for
+  bit. This is what ``SOLOv2.forward`` does by default.
+- fast: exact plus ``optimize_for_inference`` (FrozenBN folded into the convs, channels-last on
+  the CPU): faster convolutions, float rounding of a different order, so scores and masks may
+  differ in the last bits and a detection at a threshold may flip (counted below).
 
-Both forms' predictions are compared: number of instances, classes, scores, masks (bitwise, or
-per-instance IoU and the largest score difference).
+Both non-eager forms' predictions are compared with eager's: number of instances, classes,
+scores, masks (bitwise, or per-instance IoU and the largest score difference).
+
+Memory. Unless ``--default-malloc`` is given, the process first calls
+``solov2_d2.engine.memory.retain_freed_memory()`` (all forms share the process and the setting):
+with glibc's defaults every tensor above 32 MiB is a fresh mmap whose pages are faulted in on
+every forward pass, which at 800 x 1216 costs about as much as the convolutions themselves.
 
 Weights. Random weights (seed 0) give an untrained model whose category scores all sit at the
 focal-loss prior (0.01) and whose activations, with identity FrozenBN statistics, grow without
@@ -52,6 +61,7 @@ colours, plus a little noise (seeds 0-3).
     .venv/bin/python benchmarks/inference.py                  # full run, ~15 min on 2 cores
     .venv/bin/python benchmarks/inference.py --quick          # smoke run, batch 1, 1 run
     .venv/bin/python benchmarks/inference.py --device cuda    # on a GPU -> inference_cuda.md
+    .venv/bin/python benchmarks/inference.py --default-malloc # glibc's default allocator settings
 """
 
 import argparse
@@ -83,6 +93,7 @@ from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 from solov2_d2 import add_solov2_config  # noqa: E402
+from solov2_d2.engine.memory import retain_freed_memory  # noqa: E402
 from solov2_d2.modeling.fast import optimize_for_inference  # noqa: E402
 from solov2_d2.modeling.kernel_head import instance_level_features  # noqa: E402
 from solov2_d2.modeling.postprocess import (  # noqa: E402
@@ -97,6 +108,7 @@ CONFIGS = {
 }
 ASPECT = 1216 / 800  # the benchmark images' width / height
 STAGES = ("preprocess", "backbone+FPN", "heads", "postprocess")
+FORMS = ("eager", "exact", "fast")
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -152,8 +164,8 @@ def build_models(config_file: str, device: str, candidates: int, image_input):
     model = build_model(cfg).eval()
     calibrate_frozen_batchnorm(model, image_input)
     shift = calibrate_category_bias(model, image_input, candidates)
-    optimized = optimize_for_inference(copy.deepcopy(model))
-    return cfg, model, optimized, shift
+    fast = optimize_for_inference(copy.deepcopy(model))
+    return cfg, model, fast, shift
 
 
 # ----------------------------------------------------------------------------------- running
@@ -271,19 +283,18 @@ def benchmark_config(name, config_file, args, device, rows, notes):
     num_images = max(args.batch_sizes)
     images = [synthetic_scene(height, width, seed)[0] for seed in range(num_images)]
     all_inputs = [{"image": image, "height": height, "width": width} for image in images]
-    cfg, eager, optimized, shift = build_models(
-        config_file, args.device, args.candidates, all_inputs[0]
-    )
+    cfg, eager, fast, shift = build_models(config_file, args.device, args.candidates, all_inputs[0])
     forms = (
         ("eager", eager, postprocess_single_image_reference, torch.no_grad),
-        ("optimized", optimized, postprocess_single_image, torch.inference_mode),
+        ("exact", eager, postprocess_single_image, torch.inference_mode),
+        ("fast", fast, postprocess_single_image, torch.inference_mode),
     )
     candidates = count_candidates(eager, all_inputs)
 
     # The stage-by-stage runner must be the model's forward: check once, bitwise.
     with torch.inference_mode():
-        direct = optimized(all_inputs[:1])
-    staged, _ = run_once(optimized, all_inputs[:1], postprocess_single_image, torch.no_grad, device)
+        direct = eager(all_inputs[:1])
+    staged, _ = run_once(eager, all_inputs[:1], postprocess_single_image, torch.no_grad, device)
     assert compare(direct, staged)["bitwise"], "run_once differs from SOLOv2.forward"
     area, box_area = mask_statistics(direct)
     notes.append(
@@ -309,7 +320,7 @@ def benchmark_config(name, config_file, args, device, rows, notes):
                 )
                 runs[form].append(times)
             print(f"   batch {batch}: run {repeat + 1}/{args.runs}", file=sys.stderr, flush=True)
-        agreement = compare(outputs["eager"], outputs["optimized"])
+        agreement = {form: compare(outputs["eager"], outputs[form]) for form in outputs}
         for form, model, postprocess, context in forms:
             with PeakMemory(device) as memory:
                 run_once(model, all_inputs[:batch], postprocess, context, device)
@@ -323,7 +334,7 @@ def benchmark_config(name, config_file, args, device, rows, notes):
                     ms=per_image,
                     memory=memory.mib,
                     memory_method=memory.method,
-                    agreement=agreement,
+                    agreement=agreement[form],
                 )
             )
         del outputs
@@ -349,73 +360,96 @@ def latency_table(rows):
 
 
 def pairs(rows):
-    """(eager row, optimized row) per model and batch."""
+    """(eager row, other form's row) per model, batch and non-eager form."""
     by_key = {(r["config"], r["batch"], r["form"]): r for r in rows}
     for (config, batch, form), row in by_key.items():
-        if form == "eager" and (config, batch, "optimized") in by_key:
-            yield row, by_key[(config, batch, "optimized")]
+        if form == "eager":
+            for other in FORMS[1:]:
+                if (config, batch, other) in by_key:
+                    yield row, by_key[(config, batch, other)]
+
+
+def verdict(agreement) -> str:
+    if agreement["bitwise"]:
+        text = "bitwise identical"
+    elif agreement["identical"]:
+        text = "identical"
+    else:
+        text = f"NOT identical: {agreement['unmatched']} unmatched"
+    if agreement["swapped"]:
+        text += f", {agreement['swapped']} swapped ranks"
+    return f"{text} ({agreement['instances']} instances)"
 
 
 def speedup_table(rows):
     headers = [
         "model",
         "batch",
+        "form",
         "end-to-end speed-up",
         "backbone+FPN",
         "heads",
         "postprocess",
-        "predictions",
+        "predictions vs eager",
         "max score diff",
         "min mask IoU",
     ]
     body = []
-    for eager, optimized in pairs(rows):
-        a, b, agreement = eager["ms"], optimized["ms"], eager["agreement"]
-        if agreement["bitwise"]:
-            verdict = "bitwise identical"
-        elif agreement["identical"]:
-            verdict = "identical"
-        else:
-            verdict = f"NOT identical: {agreement['unmatched']} unmatched"
-        if agreement["swapped"]:
-            verdict += f", {agreement['swapped']} swapped ranks"
+    for eager, other in pairs(rows):
+        a, b, agreement = eager["ms"], other["ms"], other["agreement"]
         body.append(
             [
                 eager["config"],
                 eager["batch"],
+                other["form"],
                 f"{a['total'] / b['total']:.2f}x",
                 f"{a['backbone+FPN'] / b['backbone+FPN']:.2f}x",
                 f"{a['heads'] / b['heads']:.2f}x",
                 f"{a['postprocess'] / b['postprocess']:.1f}x",
-                f"{verdict} ({agreement['instances']} instances)",
+                verdict(agreement),
                 f"{agreement['max_score_diff']:.1e}",
                 f"{agreement['min_mask_iou']:.5f}",
             ]
         )
-    return markdown_table(headers, body, "lr" + "r" * 4 + "lrr")
+    return markdown_table(headers, body, "lrl" + "r" * 4 + "lrr")
 
 
 def target_lines(rows):
     by_key = {(r["config"], r["batch"], r["form"]): r for r in rows}
     lines = []
-    r50 = [by_key.get(("R50-FPN", 1, form)) for form in ("eager", "optimized")]
-    if all(r50):
-        eager, optimized = r50
-        speedup = eager["ms"]["total"] / optimized["ms"]["total"]
-        identical = eager["agreement"]["identical"]
-        share = optimized["ms"]["postprocess"] / optimized["ms"]["total"]
-        lines.append(
-            f"- R50-FPN 800 x 1216, batch 1: optimized {speedup:.2f}x faster than eager "
-            f"(target >= 1.25x: {'met' if speedup >= 1.25 else 'NOT met'}); predictions "
-            f"{'identical' if identical else 'NOT identical'} by the definition (same count and "
-            "classes, scores within 1e-4, mask IoU >= 0.999)."
+    eager = by_key.get(("R50-FPN", 1, "eager"))
+    for form in FORMS[1:]:
+        row = by_key.get(("R50-FPN", 1, form))
+        if not (eager and row):
+            continue
+        speedup = eager["ms"]["total"] / row["ms"]["total"]
+        agreement = row["agreement"]
+        identical = (
+            "bitwise identical"
+            if agreement["bitwise"]
+            else (
+                "identical by the definition (same count and classes, scores within 1e-4, mask IoU "
+                ">= 0.999)"
+                if agreement["identical"]
+                else "NOT identical"
+            )
         )
+        met = "met" if speedup >= 1.25 and agreement["identical"] else "NOT met"
         lines.append(
-            f"- Postprocess share of the optimized end-to-end time: {100 * share:.1f}% "
-            f"(target <= 10%: {'met' if share <= 0.10 else 'NOT met'})."
+            f"- R50-FPN 800 x 1216, batch 1, {form}: {speedup:.2f}x faster than eager, "
+            f"predictions {identical} (target >= 1.25x with identical predictions: {met})."
         )
+    for form in FORMS[1:]:
+        row = by_key.get(("R50-FPN", 1, form))
+        if row:
+            share = row["ms"]["postprocess"] / row["ms"]["total"]
+            lines.append(
+                f"- Postprocess share of the {form} end-to-end time at 800 x 1216, batch 1: "
+                f"{100 * share:.1f}% = {row['ms']['postprocess']:.0f} of {row['ms']['total']:.0f} "
+                f"ms (target <= 10%: {'met' if share <= 0.10 else 'NOT met'})."
+            )
     for config in CONFIGS:
-        for form in ("eager", "optimized"):
+        for form in FORMS:
             one, four = by_key.get((config, 1, form)), by_key.get((config, 4, form))
             if one and four:
                 per_one, per_four = one["ms"]["total"], four["ms"]["total"]
@@ -442,7 +476,7 @@ def plot(rows, path):
         left = [a + b for a, b in zip(left, widths)]
     axes.invert_yaxis()
     axes.set_xlabel("median time per image (ms)")
-    axes.set_title("SOLOv2 inference, eager vs optimized")
+    axes.set_title("SOLOv2 inference: eager, exact and fast forms")
     axes.legend(loc="lower right", fontsize="small")
     axes.grid(True, axis="x", alpha=0.3)
     figure.tight_layout()
@@ -461,7 +495,13 @@ def main():
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--quick", action="store_true", help="smoke run: batch 1, 1 timed run")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's default allocator settings (no retain_freed_memory)",
+    )
     args = parser.parse_args()
+    retained = False if args.default_malloc else retain_freed_memory(True)
     if args.quick:
         args.batch_sizes, args.runs, args.warmup = [1], 1, 1
     if args.threads:
@@ -470,7 +510,11 @@ def main():
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but CUDA is not available")
 
-    header = machine_header(device)
+    header = machine_header(device) + (
+        "; freed memory retained (retain_freed_memory)"
+        if retained
+        else "; glibc's default allocator settings"
+    )
     print(header, flush=True)
     start = time.time()
     rows, notes = [], []
@@ -499,6 +543,7 @@ def main():
     if args.quick or args.no_write:
         return
     suffix = "" if device.type == "cpu" else "_" + device.type
+    suffix += "_default_malloc" if args.default_malloc else ""
     path = write_report(
         f"inference{suffix}.md", "SOLOv2 inference benchmark", "inference.py", header, body
     )

@@ -55,6 +55,7 @@ from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 
 import solov2_d2.modeling.solov2 as solov2_module  # noqa: E402
 from solov2_d2 import add_solov2_config  # noqa: E402
+from solov2_d2.engine.memory import retain_freed_memory  # noqa: E402
 from solov2_d2.modeling.kernel_head import instance_level_features  # noqa: E402
 
 CONFIG = "configs/SOLOv2_R50_1x.yaml"
@@ -138,7 +139,13 @@ def main():
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up, 1 step")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's default allocator settings (no retain_freed_memory)",
+    )
     args = parser.parse_args()
+    retained = False if args.default_malloc else retain_freed_memory(True)
     if args.quick:
         args.steps, args.warmup = 1, 1
     if args.threads:
@@ -147,7 +154,11 @@ def main():
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but CUDA is not available")
 
-    header = machine_header(device)
+    header = machine_header(device) + (
+        "; freed memory retained (retain_freed_memory)"
+        if retained
+        else "; glibc's default allocator settings"
+    )
     print(header, flush=True)
     cfg = get_cfg()
     add_solov2_config(cfg)
@@ -213,6 +224,7 @@ def main():
     if args.quick or args.no_write:
         return
     suffix = "" if device.type == "cpu" else "_" + device.type
+    suffix += "_default_malloc" if args.default_malloc else ""
     path = write_report(
         f"training{suffix}.md", "SOLOv2 training-step benchmark", "training.py", header, body
     )

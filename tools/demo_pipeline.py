@@ -27,6 +27,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
 
 import train_net  # noqa: E402
 from solov2_d2.data import register_builtin_shapes  # noqa: E402
+from solov2_d2.engine.memory import retain_freed_memory  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -64,6 +65,7 @@ def visualize(cfg, model, dataset_name, out_dir, count):
 
 def main(argv=None):
     args = parse_args(argv)
+    retain_freed_memory()  # as train_net.main does
     started = time.time()
     register_builtin_shapes()
     for name in ("solov2_shapes_train", "solov2_shapes_val"):
