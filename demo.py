@@ -5,6 +5,7 @@
         --opts MODEL.WEIGHTS model.pth MODEL.DEVICE cpu
 
 --input takes files, folders and glob patterns. Unreadable files are reported and skipped.
+--fast runs the model through optimize_for_inference (about 1.3x faster on a CPU).
 """
 
 import argparse
@@ -22,6 +23,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from solov2_d2 import add_solov2_config
 from solov2_d2.engine.memory import retain_freed_memory
+from solov2_d2.modeling.fast import optimize_for_inference
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 logger = logging.getLogger("solov2_d2.demo")
@@ -38,6 +40,12 @@ def get_parser():
     )
     parser.add_argument(
         "--confidence-threshold", type=float, default=0.3, help="minimum score to draw"
+    )
+    parser.add_argument(
+        "--fast",
+        action="store_true",
+        help="optimize_for_inference: FrozenBN folded, channels-last on the CPU (scores and masks "
+        "may differ from the plain model's in the last float bits; see README, Performance)",
     )
     parser.add_argument(
         "--opts", default=[], nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs"
@@ -108,6 +116,8 @@ def main(argv=None):
     cfg = setup_cfg(args)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     predictor = DefaultPredictor(cfg)
+    if args.fast:
+        optimize_for_inference(predictor.model)
 
     paths = expand_inputs(args.input)
     if not paths:

@@ -528,7 +528,7 @@ def main():
         [
             f"Times are milliseconds per image: each run processes the same {num_images} images, "
             f"`batch` images per forward call; median of {args.runs} timed runs after "
-            f"{args.warmup} warm-up run(s), the two forms' runs interleaved. Forms, stages and "
+            f"{args.warmup} warm-up run(s), the forms' runs interleaved. Forms, stages and "
             "the weight calibration: see the docstring of benchmarks/inference.py. Peak memory "
             f"(of one forward call of `batch` images): {method}. Load average at the end: "
             f"{end_load:.2f}; wall time {time.time() - start:.0f} s.",

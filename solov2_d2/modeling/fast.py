@@ -18,6 +18,12 @@ Both change float rounding only: folding computes ``conv(x, w * s) + b'`` instea
 detections (same instances and classes; scores and masks differ by float rounding, see
 ``tests/test_fast_path.py`` and ``benchmarks/inference.py``). The transformed model is meant for
 inference only: its batch norm statistics are baked into the weights.
+
+That is why these transforms are opt-in. The model as built is already the fast *exact* form:
+its postprocess never upsamples a mask it will not return, and its predictions are bitwise those
+of the straightforward implementation (``postprocess_single_image_reference``). Use
+``optimize_for_inference`` where the last float bits of a score may change (serving, demos);
+keep the plain model where results must reproduce exactly (evaluation, regression tests).
 """
 
 from typing import Optional
