@@ -15,6 +15,7 @@ from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.modeling import build_model
 from torch import nn
 
+from solov2_d2.modeling import mask_upsample
 from solov2_d2.modeling import postprocess as postprocess_module
 from solov2_d2.modeling.fast import fold_frozen_batchnorm, optimize_for_inference
 from solov2_d2.modeling.kernel_head import instance_level_features
@@ -77,13 +78,26 @@ PARAMS = [
 ]
 
 
+# Feature 12 x 16 (padded 48 x 64) runs the final masks through PyTorch's upsampling; 20 x 24
+# (padded 80 x 96, above PyTorch's small-output kernel switch) through the C++ kernel where it is
+# built, except for the small resized output (50 x 60).
+SIZES = [
+    ((12, 16), (48, 64), (48, 64)),
+    ((12, 16), (40, 60), (40, 60)),
+    ((12, 16), (40, 60), (75, 90)),
+    ((20, 24), (80, 96), (80, 96)),
+    ((20, 24), (77, 90), (77, 90)),
+    ((20, 24), (77, 90), (130, 150)),
+    ((20, 24), (77, 90), (61, 70)),
+    ((20, 24), (77, 90), (50, 60)),
+]
+
+
 @pytest.mark.parametrize("params", PARAMS)
-@pytest.mark.parametrize(
-    "image_size, output_size", [((48, 64), (48, 64)), ((40, 60), (40, 60)), ((40, 60), (75, 90))]
-)
-def test_postprocess_equals_reference_bitwise(params, image_size, output_size):
+@pytest.mark.parametrize("feature_size, image_size, output_size", SIZES)
+def test_postprocess_equals_reference_bitwise(params, feature_size, image_size, output_size):
     for seed in range(3):
-        scores, kernels, feature, strides = random_head_outputs(seed)
+        scores, kernels, feature, strides = random_head_outputs(seed, size=feature_size)
         args = (scores, kernels, feature, strides, image_size, output_size, params)
         fast = postprocess_single_image(*args)
         assert len(fast) > 0
@@ -96,7 +110,7 @@ def test_postprocess_chunking_does_not_change_results(monkeypatch):
     whole = postprocess_single_image(*args)
     # Rows reduced 5 at a time, masks upsampled 2 at a time (the last chunks partial).
     monkeypatch.setattr(postprocess_module, "_ELEMENTS_PER_CHUNK", 5 * 12 * 16)
-    monkeypatch.setattr(postprocess_module, "_OUTPUT_PIXELS_PER_CHUNK", 2 * 48 * 64)
+    monkeypatch.setattr(mask_upsample, "_OUTPUT_PIXELS_PER_CHUNK", 2 * 48 * 64)
     chunked = postprocess_single_image(*args)
     assert len(whole) > 3
     assert_bitwise_equal(whole, chunked)
@@ -248,6 +262,8 @@ def test_optimized_model_gives_the_same_detections(frozen_bn_model, cfg_name):
         )
         assert_bitwise_equal_results(plain(inputs), reference)
     with torch.inference_mode():
+        # The plain model is the exact form: inference_mode changes no bit either.
+        assert_bitwise_equal_results(plain(inputs), reference)
         optimized = fast(inputs)
     for a, b in zip(reference, optimized):
         assert_same_detections(a["instances"], b["instances"])

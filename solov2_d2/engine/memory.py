@@ -6,16 +6,19 @@ large tensor starts as untouched pages that the kernel must fault in and zero on
 a time. At 800 x 1216 most of SOLOv2's activations (a ResNet stage output is 60-250 MB at batch
 1-4) and its output masks (100 x 800 x 1216 bools = 97 MB) are such blocks: measured on the
 2-core CI machine, allocating and filling 97 MB costs 39 ms fresh and 3.4 ms in reused memory,
-and the R50-FPN backbone takes 1.9 s per image at batch 1 (3.0 s at batch 4) with glibc's
-defaults against 0.93 s (1.3 s) with freed memory kept.
+and the R50-FPN backbone takes 1.59 s per image at batch 1 (2.28 s at batch 4) with glibc's
+defaults against 0.92 s (1.08 s) with freed memory kept (benchmarks/results/inference*.md).
 
 ``retain_freed_memory()`` raises glibc's mmap threshold and trim threshold (``mallopt``) so that
 large blocks come from the heap and freed ones stay there for the next forward pass; this is the
 same effect for which PyTorch's CPU performance guide recommends jemalloc or tcmalloc. The price:
-the process keeps its peak heap size until it exits instead of returning memory between
-iterations. Call it once at start-up in processes that run many forward passes (evaluation,
-serving, training); ``train_net.py``, ``demo.py`` and the benchmarks do, unless the environment
-sets ``SOLOV2_D2_RETAIN_FREED_MEMORY=0``.
+the process keeps its heap at its high-water mark instead of returning memory between
+iterations, and that mark sits above the peak working set (PyTorch's 64-byte aligned requests
+are slightly larger than the blocks they free, so the heap grows for a few iterations until
+freed blocks coalesce; the R50 benchmark's peak resident memory per forward pass rose from 675
+to 807 MiB). Call it once at start-up in processes that run many forward passes (evaluation,
+serving, training); ``train_net.py``, ``demo.py``, ``tools/demo_pipeline.py`` and the benchmarks
+do, unless the environment sets ``SOLOV2_D2_RETAIN_FREED_MEMORY=0``.
 """
 
 import ctypes

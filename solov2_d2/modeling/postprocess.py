@@ -10,7 +10,7 @@ Two implementations give the same predictions, bit for bit (``tests/test_fast_pa
 - :func:`postprocess_single_image`, the one the model uses, works at mask-feature resolution
   (1/4 of the input) until the end: it thresholds and counts the candidates' masks there, moves
   indices rather than masks through the filtering, sorting and NMS steps, and upsamples only the
-  final detections, a few at a time, straight into the output masks.
+  final detections (``mask_upsample.py``: a C++ kernel on the CPU, chunked PyTorch otherwise).
 - :func:`postprocess_single_image_reference` is the straightforward form: it upsamples every
   candidate's soft mask to the output size before any filtering and uses the dense Matrix NMS
   of the official code. It exists to check the fast path and to measure it against
@@ -24,15 +24,13 @@ import torch
 import torch.nn.functional as F
 from detectron2.structures import Boxes, Instances
 
+from .mask_upsample import MASK_FEATURE_STRIDE, boxes_from_flags, mask_flags, upsample_and_threshold
 from .matrix_nms import mask_nms, matrix_nms, matrix_nms_dense
 
-MASK_FEATURE_STRIDE = 4
-
-# Elements of candidate masks reduced per step, and output pixels upsampled per step: bounded
-# temporaries stay in the CPU caches and in memory the allocator reuses (a fresh allocation of
-# tens of MB costs page faults, often more than the arithmetic that fills it).
+# Elements of candidate masks reduced per step: bounded temporaries stay in the CPU caches and in
+# memory the allocator reuses (a fresh allocation of tens of MB costs page faults, often more than
+# the arithmetic that fills it).
 _ELEMENTS_PER_CHUNK = 1 << 22
-_OUTPUT_PIXELS_PER_CHUNK = 1 << 22
 
 
 @dataclass
@@ -63,18 +61,7 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     (x2 = last column + 1); an empty mask gives a zero box."""
     if masks.shape[0] == 0:
         return torch.zeros((0, 4), dtype=torch.float32, device=masks.device)
-    # A max over a uint8 view is an order of magnitude faster than any() over bools on the CPU.
-    values = masks.view(torch.uint8) if masks.dtype == torch.bool else (masks != 0).byte()
-    rows = values.amax(dim=2) != 0
-    cols = values.amax(dim=1) != 0
-    h, w = masks.shape[1:]
-    # argmax finds the first True; on the flipped vector it finds the last one.
-    y1 = rows.float().argmax(dim=1)
-    y2 = h - rows.flip(1).float().argmax(dim=1)
-    x1 = cols.float().argmax(dim=1)
-    x2 = w - cols.flip(1).float().argmax(dim=1)
-    boxes = torch.stack([x1, y1, x2, y2], dim=1).float()
-    return boxes * rows.any(dim=1, keepdim=True)
+    return boxes_from_flags(*mask_flags(masks))
 
 
 def maskness(soft_masks: torch.Tensor, binary_masks: torch.Tensor, areas: torch.Tensor):
@@ -91,10 +78,10 @@ def empty_instances(output_size: Tuple[int, int], device) -> Instances:
     return result
 
 
-def _instances(masks, scores, labels, output_size) -> Instances:
+def _instances(masks, scores, labels, output_size, boxes=None) -> Instances:
     result = Instances(output_size)
     result.pred_masks = masks
-    result.pred_boxes = Boxes(masks_to_boxes(masks))
+    result.pred_boxes = Boxes(masks_to_boxes(masks) if boxes is None else boxes)
     result.scores = scores
     result.pred_classes = labels
     return result
@@ -139,42 +126,6 @@ def _areas_and_maskness(soft_masks: torch.Tensor, threshold: float):
         torch.sum(inside, dim=1, out=soft_sums[rows])
         torch.sum(inside.ceil_(), dim=1, out=areas[rows])
     return binary, areas, soft_sums / areas
-
-
-def _upsample_and_threshold(soft_masks, image_size, output_size, threshold) -> torch.Tensor:
-    """(k, Hf, Wf) soft masks -> (k, *output_size) bool masks: x4 to the padded input, crop the
-    image, resize to the output size, threshold. Done a few masks at a time into reused buffers,
-    so no full-resolution float copy of all the masks exists at once."""
-    num, feat_h, feat_w = soft_masks.shape
-    h, w = image_size
-    padded_size = [feat_h * MASK_FEATURE_STRIDE, feat_w * MASK_FEATURE_STRIDE]
-    resize = tuple(output_size) != (h, w)
-    out = torch.empty((num, *output_size), dtype=torch.bool, device=soft_masks.device)
-    if num == 0:
-        return out
-    # Cache-sized chunks on the CPU; on an accelerator larger ones (2^28 float pixels = 1 GiB per
-    # buffer) keep kernels busy while bounding memory for huge outputs (100 x 4000 x 6000 masks).
-    budget = _OUTPUT_PIXELS_PER_CHUNK if soft_masks.device.type == "cpu" else 1 << 28
-    largest = max(padded_size[0] * padded_size[1], output_size[0] * output_size[1])
-    chunk = max(1, min(num, budget // largest))
-    padded_buffer = soft_masks.new_empty((1, chunk, *padded_size))
-    output_buffer = soft_masks.new_empty((1, chunk, *output_size)) if resize else None
-    inputs = soft_masks.unsqueeze(0)
-    for start in range(0, num, chunk):
-        end = min(num, start + chunk)
-        padded = padded_buffer[:, : end - start]
-        # F.interpolate(..., mode="bilinear", align_corners=False) writing into a buffer.
-        torch.ops.aten.upsample_bilinear2d.out(
-            inputs[:, start:end], padded_size, False, None, None, out=padded
-        )
-        masks = padded[:, :, :h, :w]
-        if resize:
-            masks = torch.ops.aten.upsample_bilinear2d.out(
-                masks, list(output_size), False, None, None, out=output_buffer[:, : end - start]
-            )
-        # Resizing (h, w) to (h, w) is the identity (bilinear weights 1 and 0), so it is skipped.
-        torch.gt(masks[0], threshold, out=out[start:end])
-    return out
 
 
 def postprocess_single_image(
@@ -245,13 +196,13 @@ def postprocess_single_image(
     order = torch.sort(scores, descending=True, stable=True).indices[: params.max_per_image]
     scores, labels, kept = scores[order], labels[order], kept[order]
 
-    final_masks = _upsample_and_threshold(
+    final_masks, boxes = upsample_and_threshold(
         soft_masks[kept].view(-1, feat_h, feat_w),
         image_size,
         output_size,
         params.mask_threshold,
     )
-    return _instances(final_masks, scores, labels, output_size)
+    return _instances(final_masks, scores, labels, output_size, boxes)
 
 
 def postprocess_single_image_reference(
