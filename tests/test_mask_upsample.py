@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from solov2_d2.modeling import mask_upsample
+from solov2_d2.modeling import mask_upsample, native
 from solov2_d2.modeling.mask_upsample import (
     boxes_from_flags,
     mask_flags,
@@ -110,6 +110,7 @@ def test_boxes_from_flags_hand_case():
 @pytest.fixture
 def fresh_loader(monkeypatch):
     monkeypatch.setattr(mask_upsample, "_native", {"module": None, "status": None})
+    monkeypatch.setattr(native, "_state", {"module": None, "status": None})
 
 
 class FlippingKernel:
@@ -125,7 +126,6 @@ class FlippingKernel:
 
 
 def test_a_kernel_that_differs_from_pytorch_is_rejected(monkeypatch, fresh_loader):
-    monkeypatch.setenv("SOLOV2_D2_NATIVE", "1")
     monkeypatch.setattr(mask_upsample, "_build", FlippingKernel)
     assert mask_upsample._load_native() is None
     assert "rejected" in native_status() and "differ from PyTorch" in native_status()
@@ -139,16 +139,17 @@ def test_a_failed_build_falls_back_with_the_reason(monkeypatch, fresh_loader):
         raise RuntimeError("Ninja is required to load C++ extensions")
 
     monkeypatch.setenv("SOLOV2_D2_NATIVE", "1")
-    monkeypatch.setattr(mask_upsample, "_build", no_compiler)
+    monkeypatch.setattr(native, "_build", no_compiler)
     assert mask_upsample._load_native() is None
     assert native_status() == (
-        "PyTorch path (C++ kernel not built: RuntimeError: Ninja is required to load C++ "
-        "extensions)"
+        "PyTorch path (PyTorch code (C++ kernels not built: RuntimeError: Ninja is required to "
+        "load C++ extensions))"
     )
+    assert native.load() is None
 
 
-def test_environment_variable_turns_the_kernel_off(monkeypatch, fresh_loader):
+def test_environment_variable_turns_the_kernels_off(monkeypatch, fresh_loader):
     monkeypatch.setenv("SOLOV2_D2_NATIVE", "0")
-    monkeypatch.setattr(mask_upsample, "_build", FlippingKernel)  # would be rejected anyway
+    monkeypatch.setattr(native, "_build", FlippingKernel)  # never reached
     assert mask_upsample._load_native() is None
-    assert native_status() == "PyTorch path (SOLOV2_D2_NATIVE=0)"
+    assert native.status() == "PyTorch code (SOLOV2_D2_NATIVE=0)"

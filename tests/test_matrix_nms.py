@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from solov2_d2.modeling import matrix_nms as matrix_nms_module
+from solov2_d2.modeling import native
 from solov2_d2.modeling.matrix_nms import mask_nms, matrix_nms, matrix_nms_dense
 
 
@@ -168,8 +169,18 @@ def random_candidates(num, height, width, num_classes, seed):
     return masks, labels, scores
 
 
+@pytest.fixture(params=["popcount kernel", "block matmuls"])
+def intersection_path(request, monkeypatch):
+    """Runs a test through the C++ popcount kernel and through the PyTorch block path."""
+    if request.param == "block matmuls":
+        monkeypatch.setattr(matrix_nms_module, "_kernel_state", {"checked": True, "module": None})
+    elif matrix_nms_module._intersection_kernel() is None:
+        pytest.skip(native.status())
+    return request.param
+
+
 @pytest.mark.parametrize("seed, num", [(0, 40), (1, 120), (2, 300)])
-def test_matches_dense_reference_on_random_clusters(seed, num):
+def test_matches_dense_reference_on_random_clusters(seed, num, intersection_path):
     masks, labels, scores = random_candidates(num, 72, 120, num_classes=4, seed=seed)
     for kernel in ("gaussian", "linear"):
         fast = matrix_nms(masks, labels, scores, kernel=kernel)
@@ -178,6 +189,7 @@ def test_matches_dense_reference_on_random_clusters(seed, num):
 
 
 def test_matches_dense_reference_when_split_into_tiny_blocks(monkeypatch):
+    monkeypatch.setattr(matrix_nms_module, "_kernel_state", {"checked": True, "module": None})
     # With no per-block overhead the planner halves blocks as far as it can: the deepest split.
     monkeypatch.setattr(matrix_nms_module, "_BLOCK_OVERHEAD_US", 0.0)
     monkeypatch.setattr(matrix_nms_module, "_MIN_SPLIT_COST_US", 0.0)
@@ -186,6 +198,30 @@ def test_matches_dense_reference_when_split_into_tiny_blocks(monkeypatch):
         fast = matrix_nms(masks, labels, scores, kernel=kernel)
         dense = matrix_nms_dense(masks, labels, scores, kernel=kernel)
         assert torch.allclose(fast, dense, rtol=0, atol=1e-6)
+
+
+def test_intersection_kernel_counts_exactly_what_the_dense_matmul_counts():
+    kernel = matrix_nms_module._intersection_kernel()
+    if kernel is None:
+        pytest.skip(native.status())
+    generator = torch.Generator().manual_seed(0)
+    # Widths around the 8-pixel packing step and the 64-bit word; empty masks; masks that occupy
+    # a few rows only; one class, several classes.
+    for num, height, width, num_classes in [
+        (1, 1, 1, 1),
+        (7, 5, 7, 1),
+        (30, 9, 64, 2),
+        (50, 17, 65, 3),
+        (80, 40, 131, 5),
+    ]:
+        density = torch.rand(num, 1, 1, generator=generator)
+        masks = torch.rand(num, height, width, generator=generator) < density
+        masks[::4] = False
+        masks[1::4, : height // 2] = False
+        labels = torch.randint(0, num_classes, (num,), generator=generator)
+        dense, _ = matrix_nms_module._dense_intersections(masks, labels, False)
+        same = labels[:, None] == labels[None, :]
+        assert torch.equal(kernel.same_class_intersections(masks, labels), dense * same)
 
 
 def test_mask_nms_by_hand():

@@ -7,26 +7,24 @@ the largest part of the postprocess. Two implementations give the same masks, bi
 
 - :func:`_upsample_and_threshold_torch`: two ``upsample_bilinear2d`` calls and a comparison, a
   few masks at a time into reused buffers (no full-resolution float copy of all masks at once).
-- a small C++ kernel (``csrc/mask_upsample.cpp``, compiled on first use with PyTorch's
-  ``cpp_extension``; ~30 s, once per machine) that computes every value with the exact
-  operations of PyTorch's CPU kernel, keeps the intermediate rows in the cache and writes only
-  the bool masks and the rows/columns each mask touches: ~4x faster at 800 x 1216.
+- a small C++ kernel (``csrc/mask_upsample.cpp``, built by ``native.py``) that computes every
+  value with the exact operations of PyTorch's CPU kernel, keeps the intermediate rows in the
+  cache and writes only the bool masks and the rows/columns each mask touches: ~4x faster at
+  800 x 1216.
 
 The kernel is used only after it reproduced PyTorch on a set of check cases in this process
 (values crowded around the threshold, crop and resize in both directions); if the compiler or
 ``ninja`` is missing, or the check fails (another PyTorch build could round differently), a
-warning says why and the PyTorch path is used. ``SOLOV2_D2_NATIVE=0`` turns the kernel off;
+warning says why and the PyTorch path is used. ``SOLOV2_D2_NATIVE=0`` turns the kernels off;
 ``native_status()`` tells what is in use.
 """
 
-import hashlib
 import logging
-import os
-import platform
-import sys
 from typing import Optional, Tuple
 
 import torch
+
+from . import native
 
 __all__ = ["upsample_and_threshold", "boxes_from_flags", "native_status"]
 
@@ -41,8 +39,6 @@ _OUTPUT_PIXELS_PER_CHUNK = 1 << 22
 # C++ kernel reproduces the generic one only.
 _GENERIC_KERNEL_MIN_SIZE_SUM = 129
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "mask_upsample.cpp")
-_ENV = "SOLOV2_D2_NATIVE"
 _native = {"module": None, "status": None}
 
 
@@ -107,41 +103,6 @@ def _upsample_and_threshold_torch(soft_masks, image_size, output_size, threshold
 
 
 # ------------------------------------------------------------------------------ C++ kernel
-def _cpu_tag() -> str:
-    """A short hash of the CPU's instruction-set flags: the kernel is built with -march=native,
-    so machines sharing a home directory (and torch's build cache) get a build each."""
-    flags = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith(("flags", "Features")):
-                    flags += " ".join(sorted(line.split(":", 1)[1].split()))
-                    break
-    except OSError:
-        pass
-    return hashlib.sha1(flags.encode()).hexdigest()[:10]
-
-
-def _build():
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA" notice
-    from torch.utils import cpp_extension
-
-    # `ninja` installed into the virtual environment is found even when it is not activated.
-    bindir = os.path.dirname(sys.executable)
-    if os.path.exists(os.path.join(bindir, "ninja")):
-        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
-    flags = ["-O3", "-ffp-contract=off"]
-    if platform.machine() in ("x86_64", "AMD64") and sys.platform.startswith("linux"):
-        flags.append("-march=native")
-    logger.info("building solov2_d2's mask upsampling kernel (once per machine, ~30 s)")
-    return cpp_extension.load(
-        name="solov2_d2_mask_upsample_" + _cpu_tag(),
-        sources=[_SOURCE],
-        extra_cflags=flags,
-        verbose=False,
-    )
-
-
 def _check_cases():
     """Soft masks whose upsampled values crowd around 0.5, and sizes that crop, enlarge and
     shrink, all above PyTorch's small-output kernel switch (one just above it)."""
@@ -177,18 +138,17 @@ def _self_check(module) -> Optional[str]:
     return None
 
 
+def _build():
+    return native.load()
+
+
 def _load_native():
+    """The compiled module if it reproduces PyTorch here, else None (``native_status`` says why)."""
     if _native["status"] is not None:
         return _native["module"]
-    if os.environ.get(_ENV, "1").strip() in ("0", "false", "False", "no"):
-        _native["status"] = f"PyTorch path ({_ENV}=0)"
-        return None
-    try:
-        module = _build()
-    except Exception as error:  # no compiler, no ninja, no headers: the PyTorch path works
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        _native["status"] = f"PyTorch path (C++ kernel not built: {type(error).__name__}: {reason})"
-        logger.warning("solov2_d2: %s", _native["status"])
+    module = _build()
+    if module is None:
+        _native["status"] = "PyTorch path (" + native.status() + ")"
         return None
     problem = _self_check(module)
     if problem:

@@ -15,11 +15,13 @@ Two implementations give the same scores (bitwise, up to the float32 exactness l
 - :func:`matrix_nms_dense` is the formulation of the official SOLOv2 code: one ``(N, HW) @ (HW, N)``
   float matmul gives every pairwise intersection. It is the reference for tests and benchmarks.
 - :func:`matrix_nms` computes only what can be non-zero. Pairs of different classes are never
-  used, so candidates are grouped by label; pixels outside a mask's bounding box are zero, so
-  each class group is cut into rectangular blocks (a k-d split of the image guided by a cost
-  model) and only the candidates whose box reaches a block take part in that block's matmul. The
-  per-block intersections are integers and their float32 sums are exact, so the result is the
-  same as the dense matmul's, not an approximation of it.
+  used, so candidates are grouped by label. On the CPU, the C++ kernel of
+  ``csrc/mask_intersections.cpp`` packs each mask into bits and counts each same-class pair's
+  common pixels with AND + popcount over the rows both occupy. Without it, pixels outside a
+  mask's bounding box are zero, so each class group is cut into rectangular blocks (a k-d split
+  of the image guided by a cost model) and only the candidates whose box reaches a block take
+  part in that block's matmul. Intersections are integers and their float32 sums are exact, so
+  either way the result is the same as the dense matmul's, not an approximation of it.
 
 Both need intersections below 2**24 to be exact in float32, i.e. masks of fewer than 16.7M
 pixels (4096 x 4096).
@@ -31,6 +33,8 @@ from typing import Callable, NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 from torch import Tensor
+
+from . import native
 
 __all__ = ["matrix_nms", "matrix_nms_dense", "mask_nms"]
 
@@ -214,6 +218,37 @@ def _same_class_intersections(masks, labels, need_areas):
     """
     if masks.device.type != "cpu":
         return _dense_intersections(masks, labels, need_areas)
+    kernel = _intersection_kernel() if masks.dtype == torch.bool else None
+    if kernel is not None:
+        inter = kernel.same_class_intersections(masks.contiguous(), labels)
+        return inter, (inter.diagonal().clone() if need_areas else None)
+    return _block_intersections(masks, labels, need_areas)
+
+
+_kernel_state = {"checked": False, "module": None}
+
+
+def _intersection_kernel():
+    """The C++ popcount kernel once it has matched the dense matmul on a check case, else None."""
+    if not _kernel_state["checked"]:
+        _kernel_state["checked"] = True
+        module = native.load()
+        if module is not None:
+            generator = torch.Generator().manual_seed(0)
+            masks = torch.rand(40, 23, 131, generator=generator) > 0.6
+            masks[3] = False  # an empty mask
+            masks[5, :, :70] = False  # one that occupies part of the rows only
+            labels = torch.randint(0, 3, (40,), generator=generator)
+            dense, _ = _dense_intersections(masks, labels, False)
+            same = labels[:, None] == labels[None, :]
+            got = module.same_class_intersections(masks, labels)
+            if torch.equal(got, dense * same):
+                _kernel_state["module"] = module
+    return _kernel_state["module"]
+
+
+def _block_intersections(masks, labels, need_areas):
+    """_same_class_intersections without the C++ kernel: box-restricted float matmuls."""
     num = masks.shape[0]
     # A max-reduction is the cheapest full pass over the masks (a sum or a float conversion
     # costs 10-20x more), and it is the only one: blocks read only the pixels inside boxes.

@@ -13,7 +13,7 @@
 // against the running PyTorch before using the kernel, and falls back if it ever differs.
 //
 // Build flags: -ffp-contract=off, so that only the explicit fmaf calls are fused.
-#include <torch/extension.h>
+#include "ops.h"
 
 #include <ATen/Parallel.h>
 
@@ -161,9 +161,4 @@ std::vector<torch::Tensor> upsample_threshold(const torch::Tensor& soft, int64_t
     }
   });
   return {masks, rows_any, cols_any};
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("upsample_threshold", &upsample_threshold,
-             "x4 bilinear upsampling, crop, bilinear resize and threshold of soft masks");
 }
