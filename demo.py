@@ -5,7 +5,7 @@
         --opts MODEL.WEIGHTS model.pth MODEL.DEVICE cpu
 
 --input takes files, folders and glob patterns. Unreadable files are reported and skipped.
---fast runs the model through optimize_for_inference (about 1.3x faster on a CPU).
+--fast runs the model through optimize_for_inference (about 1.2x faster on a CPU).
 """
 
 import argparse
