@@ -142,8 +142,8 @@ def test_a_failed_build_falls_back_with_the_reason(monkeypatch, fresh_loader):
     monkeypatch.setattr(native, "_build", no_compiler)
     assert mask_upsample._load_native() is None
     assert native_status() == (
-        "PyTorch path (PyTorch code (C++ kernels not built: RuntimeError: Ninja is required to "
-        "load C++ extensions))"
+        "PyTorch path: C++ kernels not built (RuntimeError: Ninja is required to load C++ "
+        "extensions)"
     )
     assert native.load() is None
 
@@ -152,4 +152,5 @@ def test_environment_variable_turns_the_kernels_off(monkeypatch, fresh_loader):
     monkeypatch.setenv("SOLOV2_D2_NATIVE", "0")
     monkeypatch.setattr(native, "_build", FlippingKernel)  # never reached
     assert mask_upsample._load_native() is None
-    assert native.status() == "PyTorch code (SOLOV2_D2_NATIVE=0)"
+    assert native.status() == "C++ kernels off (SOLOV2_D2_NATIVE=0)"
+    assert native_status() == "PyTorch path: C++ kernels off (SOLOV2_D2_NATIVE=0)"

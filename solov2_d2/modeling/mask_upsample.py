@@ -148,11 +148,11 @@ def _load_native():
         return _native["module"]
     module = _build()
     if module is None:
-        _native["status"] = "PyTorch path (" + native.status() + ")"
+        _native["status"] = "PyTorch path: " + native.status()
         return None
     problem = _self_check(module)
     if problem:
-        _native["status"] = f"PyTorch path (C++ kernel rejected: {problem})"
+        _native["status"] = f"PyTorch path: C++ kernel rejected ({problem})"
         logger.warning("solov2_d2: %s", _native["status"])
         return None
     _native["module"] = module

@@ -69,14 +69,14 @@ def load():
     if _state["status"] is not None:
         return _state["module"]
     if os.environ.get(_ENV, "1").strip() in ("0", "false", "False", "no"):
-        _state["status"] = f"PyTorch code ({_ENV}=0)"
+        _state["status"] = f"C++ kernels off ({_ENV}=0)"
         return None
     try:
         module = _build()
     except Exception as error:  # no compiler, no ninja, no headers: the PyTorch code works
         message = str(error).strip()
         reason = message.splitlines()[0] if message else ""
-        _state["status"] = f"PyTorch code (C++ kernels not built: {type(error).__name__}: {reason})"
+        _state["status"] = f"C++ kernels not built ({type(error).__name__}: {reason})"
         logger.warning("solov2_d2: %s", _state["status"])
         return None
     _state["module"] = module
@@ -85,5 +85,6 @@ def load():
 
 
 def status() -> str:
+    """ "C++ kernels built", or why they are off / not built; builds them if not yet tried."""
     load()
     return _state["status"]
