@@ -50,6 +50,24 @@ def machine_header(device: torch.device) -> str:
     return line + f", load average at start {load_average():.2f}"
 
 
+def add_malloc_option(parser) -> None:
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's default allocator settings (no retain_freed_memory)",
+    )
+
+
+def apply_malloc_option(args) -> str:
+    """Calls ``retain_freed_memory`` unless ``--default-malloc``; returns the machine header's
+    note on the allocator setting."""
+    from solov2_d2.engine.memory import retain_freed_memory
+
+    if not args.default_malloc and retain_freed_memory(True):
+        return "; freed memory retained (retain_freed_memory)"
+    return "; glibc's default allocator settings"
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

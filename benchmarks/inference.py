@@ -81,6 +81,8 @@ from common import (  # noqa: E402
     ROOT,
     PeakMemory,
     StageTimer,
+    add_malloc_option,
+    apply_malloc_option,
     calibrate_frozen_batchnorm,
     load_average,
     machine_header,
@@ -93,7 +95,6 @@ from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 from solov2_d2 import add_solov2_config  # noqa: E402
-from solov2_d2.engine.memory import retain_freed_memory  # noqa: E402
 from solov2_d2.modeling.fast import optimize_for_inference  # noqa: E402
 from solov2_d2.modeling.kernel_head import instance_level_features  # noqa: E402
 from solov2_d2.modeling.postprocess import (  # noqa: E402
@@ -495,13 +496,9 @@ def main():
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--quick", action="store_true", help="smoke run: batch 1, 1 timed run")
     parser.add_argument("--no-write", action="store_true", help="print only")
-    parser.add_argument(
-        "--default-malloc",
-        action="store_true",
-        help="keep glibc's default allocator settings (no retain_freed_memory)",
-    )
+    add_malloc_option(parser)
     args = parser.parse_args()
-    retained = False if args.default_malloc else retain_freed_memory(True)
+    allocator_note = apply_malloc_option(args)
     if args.quick:
         args.batch_sizes, args.runs, args.warmup = [1], 1, 1
     if args.threads:
@@ -510,11 +507,7 @@ def main():
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but CUDA is not available")
 
-    header = machine_header(device) + (
-        "; freed memory retained (retain_freed_memory)"
-        if retained
-        else "; glibc's default allocator settings"
-    )
+    header = machine_header(device) + allocator_note
     print(header, flush=True)
     start = time.time()
     rows, notes = [], []

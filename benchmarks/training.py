@@ -40,6 +40,8 @@ from common import (  # noqa: E402
     ROOT,
     PeakMemory,
     StageTimer,
+    add_malloc_option,
+    apply_malloc_option,
     calibrate_frozen_batchnorm,
     load_average,
     machine_header,
@@ -55,7 +57,6 @@ from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 
 import solov2_d2.modeling.solov2 as solov2_module  # noqa: E402
 from solov2_d2 import add_solov2_config  # noqa: E402
-from solov2_d2.engine.memory import retain_freed_memory  # noqa: E402
 from solov2_d2.modeling.kernel_head import instance_level_features  # noqa: E402
 
 CONFIG = "configs/SOLOv2_R50_1x.yaml"
@@ -139,13 +140,9 @@ def main():
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up, 1 step")
     parser.add_argument("--no-write", action="store_true", help="print only")
-    parser.add_argument(
-        "--default-malloc",
-        action="store_true",
-        help="keep glibc's default allocator settings (no retain_freed_memory)",
-    )
+    add_malloc_option(parser)
     args = parser.parse_args()
-    retained = False if args.default_malloc else retain_freed_memory(True)
+    allocator_note = apply_malloc_option(args)
     if args.quick:
         args.steps, args.warmup = 1, 1
     if args.threads:
@@ -154,11 +151,7 @@ def main():
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but CUDA is not available")
 
-    header = machine_header(device) + (
-        "; freed memory retained (retain_freed_memory)"
-        if retained
-        else "; glibc's default allocator settings"
-    )
+    header = machine_header(device) + allocator_note
     print(header, flush=True)
     cfg = get_cfg()
     add_solov2_config(cfg)
