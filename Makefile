@@ -22,7 +22,7 @@ $(STAMP): setup.cfg pyproject.toml tools/install_detectron2.py Makefile
 		2>/dev/null || $(PIP) install "torch>=2.14" torchvision
 	$(PY) tools/install_detectron2.py
 	$(PIP) install --no-build-isolation -e ".[dev]"
-	@# Builds the C++ final-mask kernel now (~30 s, cached per machine) rather than in the first
+	@# Builds the C++ kernels now (~40 s, cached per machine) rather than in the first
 	@# inference; without a compiler it reports the (bitwise equal) PyTorch fallback instead.
 	$(PY) -c "from solov2_d2.modeling.mask_upsample import native_status as s; print('final masks:', s())"
 	touch $(STAMP)

@@ -27,6 +27,7 @@ Both need intersections below 2**24 to be exact in float32, i.e. masks of fewer 
 pixels (4096 x 4096).
 """
 
+import logging
 import math
 from typing import Callable, NamedTuple, Optional, Tuple
 
@@ -37,6 +38,8 @@ from torch import Tensor
 from . import native
 
 __all__ = ["matrix_nms", "matrix_nms_dense", "mask_nms"]
+
+logger = logging.getLogger(__name__)
 
 _KERNELS = ("gaussian", "linear")
 
@@ -244,6 +247,11 @@ def _intersection_kernel():
             got = module.same_class_intersections(masks, labels)
             if torch.equal(got, dense * same):
                 _kernel_state["module"] = module
+            else:  # as mask_upsample does: say so, then use the block matmuls
+                logger.warning(
+                    "solov2_d2: C++ intersection kernel rejected (its counts differ from the "
+                    "dense matmul's on the check case); Matrix NMS uses block matmuls"
+                )
     return _kernel_state["module"]
 
 

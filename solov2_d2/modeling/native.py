@@ -5,7 +5,7 @@
   Matrix NMS needs, see ``matrix_nms.py``.
 
 Both give exactly what the PyTorch code they replace gives; each user checks that on fixed cases
-before relying on it. The build takes ~30 s, once per machine (torch's extension cache; the name
+before relying on it. The build takes ~40 s, once per machine (torch's extension cache; the name
 carries a hash of the CPU's instruction-set flags because of ``-march=native``); ``make setup``
 does it. Without a compiler or ``ninja`` the build fails, a warning says why, and the PyTorch
 code is used (same results, slower). ``SOLOV2_D2_NATIVE=0`` turns the kernels off.
@@ -54,7 +54,7 @@ def _build():
     flags = ["-O3", "-ffp-contract=off"]
     if platform.machine() in ("x86_64", "AMD64") and sys.platform.startswith("linux"):
         flags.append("-march=native")
-    logger.info("building solov2_d2's CPU kernels (once per machine, ~30 s)")
+    logger.info("building solov2_d2's CPU kernels (once per machine, ~40 s)")
     return cpp_extension.load(
         name="solov2_d2_ops_" + _cpu_tag(),
         sources=[os.path.join(_CSRC, name) for name in _SOURCES],
