@@ -10,26 +10,34 @@ from typing import Dict
 
 import torch
 import torch.nn.functional as F
+from fvcore.nn import sigmoid_focal_loss as _fvcore_sigmoid_focal_loss
 from torch import Tensor
 
 __all__ = ["sigmoid_focal_loss", "dice_loss", "solov2_losses"]
 
 
+def _at_least_float32(tensor: Tensor) -> Tensor:
+    """``tensor`` as float32 if it is a half type (or not floating), else unchanged (float64 stays
+    float64). Loss sums run over whole masks: 200 x 336 pixels at p = 0.99 sum to 66528 > 65504,
+    the float16 maximum, and bfloat16 keeps only 8 bits of such a sum."""
+    if tensor.is_floating_point() and torch.finfo(tensor.dtype).bits >= 32:
+        return tensor
+    return tensor.float()
+
+
 def sigmoid_focal_loss(
     logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0
 ) -> Tensor:
-    """Elementwise sigmoid focal loss, same shape as ``logits``.
+    """Elementwise sigmoid focal loss, same shape as ``logits``, always float32.
 
     loss = -alpha_t * (1 - p_t) ** gamma * log(p_t), with p_t = p for positives and 1 - p for
-    negatives, alpha_t = alpha for positives and 1 - alpha for negatives. ``targets`` are one-hot
-    floats. The log term comes from BCE-with-logits so that large |logits| stay finite.
+    negatives, alpha_t = alpha for positives and 1 - alpha for negatives. ``targets`` are one-hot.
+    This is fvcore's ``sigmoid_focal_loss`` (the same formula, with the log term from
+    BCE-with-logits so that large |logits| stay finite) with SOLO's defaults: fvcore's own
+    default ``alpha=-1`` means no alpha weighting. fvcore casts its inputs to float32, so half
+    inputs are computed in float32 and float64 inputs lose their extra precision.
     """
-    targets = targets.to(logits.dtype)
-    probs = torch.sigmoid(logits)
-    cross_entropy = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    prob_of_truth = probs * targets + (1 - probs) * (1 - targets)
-    alpha_weight = alpha * targets + (1 - alpha) * (1 - targets)
-    return alpha_weight * (1 - prob_of_truth) ** gamma * cross_entropy
+    return _fvcore_sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="none")
 
 
 def dice_loss(mask_probs: Tensor, mask_targets: Tensor, eps: float = 1e-3) -> Tensor:
@@ -37,9 +45,10 @@ def dice_loss(mask_probs: Tensor, mask_targets: Tensor, eps: float = 1e-3) -> Te
 
     All dimensions but the first are flattened. As in the official implementation, ``eps`` is added
     to both squared sums (so 2 * eps in the denominator): an empty target with an empty prediction
-    gives loss 1, not NaN.
+    gives loss 1, not NaN. Half inputs are summed in float32 (they overflow or round away in their
+    own type); the result is float32, or float64 for float64 inputs.
     """
-    probs = mask_probs.flatten(1)
+    probs = _at_least_float32(mask_probs.flatten(1))
     targets = mask_targets.flatten(1).to(probs.dtype)
     overlap = (probs * targets).sum(dim=1)
     prob_energy = (probs * probs).sum(dim=1) + eps
@@ -70,7 +79,9 @@ def solov2_losses(
 
     Returns:
         {"loss_cate": focal_weight * sum(focal) / (num_positive_cells + 1),
-         "loss_mask": dice_weight * mean over pairs of dice(sigmoid(mask_logits), mask_targets)}
+         "loss_mask": dice_weight * mean over pairs of dice(sigmoid(mask_logits), mask_targets)},
+        computed in float32 for float16/bfloat16 inputs (``loss_mask`` in float64 for float64
+        mask logits; fvcore computes ``loss_cate`` in float32 always).
     """
     if category_logits.dim() != 2 or category_logits.shape[1] != num_classes:
         raise ValueError(
@@ -103,6 +114,9 @@ def solov2_losses(
     # "+ 1" keeps images without any positive cell finite (official normalization).
     loss_cate = focal_weight * focal.sum() / (num_positive_cells + 1).to(focal.dtype)
 
+    # The sigmoid too runs in float32: float16 probabilities step by 2^-11 near 1 and every
+    # logit above ~8.3 gives p = 1 exactly.
+    mask_logits = _at_least_float32(mask_logits)
     if mask_logits.shape[0] == 0:
         # No positive pair in the batch: a zero that still reaches mask_logits in the graph, so
         # backward (and DDP's used-parameter bookkeeping) treats the mask branch as usual.

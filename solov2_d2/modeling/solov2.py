@@ -202,9 +202,13 @@ class SOLOv2(nn.Module):
                 ]
             )
             num_masks, feat_h, feat_w = mask_feature.shape[1:]
-            mask_logits.append(
-                (kernels @ mask_feature[i].view(num_masks, -1)).view(-1, feat_h, feat_w)
-            )
+            # In float32 even under autocast (which would run the matmul in float16/bfloat16):
+            # each logit sums E products, and the dice loss then sums whole masks.
+            product_dtype = torch.promote_types(mask_feature.dtype, torch.float32)
+            features = mask_feature[i].view(num_masks, -1).to(product_dtype)
+            with torch.autocast(mask_feature.device.type, enabled=False):
+                product = kernels.to(product_dtype) @ features
+            mask_logits.append(product.view(-1, feat_h, feat_w))
             mask_targets.append(targets.mask_targets[torch.cat(targets.positive_instances)])
 
         # (N, C, S, S) per level -> (N * sum S^2, C), in the same image-major, level, cell order.
