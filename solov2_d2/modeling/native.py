@@ -1,90 +1,112 @@
-"""solov2_d2's two CPU kernels (``csrc/``), built on first use with PyTorch's ``cpp_extension``.
+"""solov2_d2's two CPU kernels (``csrc/``), compiled with the package as ``solov2_d2._C``.
 
 - ``upsample_threshold`` (``csrc/mask_upsample.cpp``): the final masks, see ``mask_upsample.py``.
 - ``same_class_intersections`` (``csrc/mask_intersections.cpp``): the integer pixel counts
   Matrix NMS needs, see ``matrix_nms.py``.
 
-Both give exactly what the PyTorch code they replace gives; each user checks that on fixed cases
-before relying on it. The build takes ~40 s, once per machine (torch's extension cache; the name
-carries a hash of the CPU's instruction-set flags because of ``-march=native``); ``make setup``
-does it. Without a compiler or ``ninja`` the build fails, a warning says why, and the PyTorch
-code is used (same results, slower). ``SOLOV2_D2_NATIVE=0`` turns the kernels off.
+``setup.py`` builds them when the package is installed with torch already present
+(``pip install --no-build-isolation -e .``, which ``make setup`` runs), as Detectron2 builds its
+``_C``; nothing is compiled at run time. Each kernel computes exactly what the PyTorch code it
+replaces computes, and each user (``checked``) verifies that on fixed cases, once per process,
+before relying on it. Where the extension is missing (no compiler at install time, a plain
+``pip install .`` with build isolation), was built against another torch, or fails its check,
+a warning says why and the PyTorch code is used: same results, slower.
+``SOLOV2_D2_NATIVE=0`` turns the kernels off.
 """
 
-import hashlib
 import logging
 import os
-import platform
-import sys
+import threading
+from typing import Callable, Optional
 
-__all__ = ["load", "status"]
+import torch
+
+__all__ = ["load", "status", "checked", "checked_status"]
 
 logger = logging.getLogger(__name__)
 
-_CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-_SOURCES = ("bindings.cpp", "mask_upsample.cpp", "mask_intersections.cpp")
 _ENV = "SOLOV2_D2_NATIVE"
+_REBUILD = "reinstall solov2_d2 with `pip install --no-build-isolation -e .` (or `make setup`)"
+# One lock for loading and self-checking: concurrent first calls (a server's threads) wait for
+# the one that decides, and nobody sees a kernel before its check has passed.
+_lock = threading.RLock()
 _state = {"module": None, "status": None}
+_checked = {}  # kernel name -> (module or None, status line)
 
 
-def _cpu_tag() -> str:
-    """A short hash of the CPU's instruction-set flags: the kernels are built with -march=native,
-    so machines sharing a home directory (and torch's build cache) get a build each."""
-    flags = platform.machine()
+def _import():
+    from solov2_d2 import _C
+
+    return _C
+
+
+def _load_locked():
+    if os.environ.get(_ENV, "1").strip() in ("0", "false", "False", "no"):
+        return None, f"C++ kernels off ({_ENV}=0)"
     try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith(("flags", "Features")):
-                    flags += " ".join(sorted(line.split(":", 1)[1].split()))
-                    break
-    except OSError:
-        pass
-    return hashlib.sha1(flags.encode()).hexdigest()[:10]
-
-
-def _build():
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA" notice
-    from torch.utils import cpp_extension
-
-    # `ninja` installed into the virtual environment is found even when it is not activated.
-    bindir = os.path.dirname(sys.executable)
-    if os.path.exists(os.path.join(bindir, "ninja")):
-        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
-    # -ffp-contract=off: only the explicit fmaf calls of mask_upsample.cpp may fuse.
-    flags = ["-O3", "-ffp-contract=off"]
-    if platform.machine() in ("x86_64", "AMD64") and sys.platform.startswith("linux"):
-        flags.append("-march=native")
-    logger.info("building solov2_d2's CPU kernels (once per machine, ~40 s)")
-    return cpp_extension.load(
-        name="solov2_d2_ops_" + _cpu_tag(),
-        sources=[os.path.join(_CSRC, name) for name in _SOURCES],
-        extra_include_paths=[_CSRC],
-        extra_cflags=flags,
-        verbose=False,
-    )
+        module = _import()
+    except ModuleNotFoundError as error:
+        if error.name not in ("solov2_d2._C", "_C"):
+            raise
+        return None, f"C++ kernels not compiled (solov2_d2._C is missing; {_REBUILD})"
+    except ImportError as error:  # e.g. undefined symbols: built against another torch
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        problem = f"C++ kernels unusable (ImportError: {first_line}; {_REBUILD})"
+        logger.warning("solov2_d2: %s", problem)
+        return None, problem
+    built_for = module.torch_version()
+    if built_for != torch.__version__:
+        problem = (
+            f"C++ kernels built against torch {built_for}, running {torch.__version__} "
+            f"({_REBUILD})"
+        )
+        logger.warning("solov2_d2: %s", problem)
+        return None, problem
+    return module, f"C++ kernels compiled for torch {built_for}"
 
 
 def load():
-    """The compiled module, or None (then ``status()`` says why); builds it on the first call."""
-    if _state["status"] is not None:
+    """The compiled module, or None (then ``status()`` says why)."""
+    with _lock:
+        if _state["status"] is None:
+            _state["module"], _state["status"] = _load_locked()
         return _state["module"]
-    if os.environ.get(_ENV, "1").strip() in ("0", "false", "False", "no"):
-        _state["status"] = f"C++ kernels off ({_ENV}=0)"
-        return None
-    try:
-        module = _build()
-    except Exception as error:  # no compiler, no ninja, no headers: the PyTorch code works
-        message = str(error).strip()
-        reason = message.splitlines()[0] if message else ""
-        _state["status"] = f"C++ kernels not built ({type(error).__name__}: {reason})"
-        logger.warning("solov2_d2: %s", _state["status"])
-        return None
-    _state["module"] = module
-    _state["status"] = "C++ kernels built"
-    return module
 
 
 def status() -> str:
-    """ "C++ kernels built", or why they are off / not built; builds them if not yet tried."""
+    """ "C++ kernels compiled for torch X", or why they are off / missing / unusable."""
     load()
     return _state["status"]
+
+
+def checked(name: str, self_check: Callable[[object], Optional[str]]):
+    """The compiled module if ``self_check(module)`` finds no problem (it returns None, or a
+    description of what differs), else None. Decided once per ``name`` and process, under the
+    lock, and published only after the check finished."""
+    with _lock:
+        if name not in _checked:
+            module = load()
+            if module is None:
+                _checked[name] = (None, "PyTorch path: " + _state["status"])
+            else:
+                problem = self_check(module)
+                if problem:
+                    line = f"PyTorch path: C++ kernel rejected ({problem})"
+                    logger.warning("solov2_d2: %s: %s", name, line)
+                    _checked[name] = (None, line)
+                else:
+                    _checked[name] = (module, f"C++ kernel (self-checked; {_state['status']})")
+        return _checked[name][0]
+
+
+def checked_status(name: str) -> Optional[str]:
+    """What ``checked(name, ...)`` decided, or None if it has not run yet."""
+    with _lock:
+        return _checked[name][1] if name in _checked else None
+
+
+def _forget():
+    """Tests only: decide again on the next call."""
+    with _lock:
+        _state.update(module=None, status=None)
+        _checked.clear()

@@ -10,7 +10,8 @@ Two implementations give the same predictions, bit for bit (``tests/test_fast_pa
 - :func:`postprocess_single_image`, the one the model uses, works at mask-feature resolution
   (1/4 of the input) until the end: it thresholds and counts the candidates' masks there, moves
   indices rather than masks through the filtering, sorting and NMS steps, and upsamples only the
-  final detections (``mask_upsample.py``: a C++ kernel on the CPU, chunked PyTorch otherwise).
+  final detections (``mask_upsample.py``: a C++ kernel on the CPU, chunked PyTorch otherwise;
+  both compute the same definition of the final masks).
 - :func:`postprocess_single_image_reference` is the straightforward form: it upsamples every
   candidate's soft mask to the output size before any filtering and uses the dense Matrix NMS
   of the official code. It exists to check the fast path and to measure it against
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.structures import Boxes, Instances
 
-from .mask_upsample import MASK_FEATURE_STRIDE, boxes_from_flags, mask_flags, upsample_and_threshold
+from .mask_upsample import final_mask_values, masks_to_boxes, upsample_and_threshold
 from .matrix_nms import mask_nms, matrix_nms, matrix_nms_dense
 
 # Elements of candidate masks reduced per step: bounded temporaries stay in the CPU caches and in
@@ -54,14 +55,6 @@ def point_nms(heatmap: torch.Tensor, kernel_size: int = 2) -> torch.Tensor:
     """
     pooled = F.max_pool2d(heatmap, kernel_size, stride=1, padding=1)
     return heatmap * (pooled[..., :-1, :-1] == heatmap)
-
-
-def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """Tight (x1, y1, x2, y2) boxes of (N, H, W) bool masks, in Detectron2's pixel convention
-    (x2 = last column + 1); an empty mask gives a zero box."""
-    if masks.shape[0] == 0:
-        return torch.zeros((0, 4), dtype=torch.float32, device=masks.device)
-    return boxes_from_flags(*mask_flags(masks))
 
 
 def maskness(soft_masks: torch.Tensor, binary_masks: torch.Tensor, areas: torch.Tensor):
@@ -205,6 +198,13 @@ def postprocess_single_image(
     return _instances(final_masks, scores, labels, output_size, boxes)
 
 
+def upsample_and_threshold_reference(soft_masks, image_size, output_size, params) -> torch.Tensor:
+    """All masks at once through the PyTorch form of the final-mask definition
+    (``mask_upsample.py``), with no chunks and no C++ kernel."""
+    values = final_mask_values(soft_masks, image_size, output_size)
+    return values > torch.tensor(params.mask_threshold, dtype=torch.float32)
+
+
 def postprocess_single_image_reference(
     category_scores: torch.Tensor,
     kernel_preds: torch.Tensor,
@@ -216,8 +216,9 @@ def postprocess_single_image_reference(
 ) -> Instances:
     """The straightforward form of :func:`postprocess_single_image`, same arguments and result.
 
-    Every candidate's soft mask is upsampled to the output size (x4, crop, resize) and
-    thresholded before the candidates are filtered; the filtering itself (area, maskness, NMS)
+    Every candidate's soft mask is upsampled to the output size (x4, crop, resize, all at once
+    with the PyTorch ops of ``mask_upsample.final_mask_values``) and thresholded before the
+    candidates are filtered; the filtering itself (area, maskness, NMS)
     runs at feature resolution on full copies of the masks, with the dense Matrix NMS of the
     official code (``matrix_nms_dense``). Memory grows as candidates x output pixels (about
     1.2 GB per 300 candidates at 800 x 1216): a reference, not for production.
@@ -235,16 +236,7 @@ def postprocess_single_image_reference(
     soft_masks = soft_masks.view(-1, feat_h, feat_w)
 
     # Full-resolution masks of every candidate: x4 to the padded input, crop, resize.
-    h, w = image_size
-    full_soft = F.interpolate(
-        soft_masks.unsqueeze(0),
-        size=(feat_h * MASK_FEATURE_STRIDE, feat_w * MASK_FEATURE_STRIDE),
-        mode="bilinear",
-        align_corners=False,
-    )[:, :, :h, :w]
-    full_soft = F.interpolate(full_soft, size=output_size, mode="bilinear", align_corners=False)
-    full_masks = full_soft.squeeze(0) > params.mask_threshold
-    del full_soft
+    full_masks = upsample_and_threshold_reference(soft_masks, image_size, output_size, params)
 
     binary_masks = soft_masks > params.mask_threshold
     areas = binary_masks.sum(dim=(1, 2)).float()

@@ -2,17 +2,14 @@
 // to the padded input -> crop to the image -> bilinear resize to the output size -> threshold,
 // plus the rows and columns each mask touches (for its tight box), in one pass per mask.
 //
-// The result is bit for bit what the PyTorch path gives (two F.interpolate calls, then `> t`):
-// every interpolated value is computed with the operations, in the order and with the rounding
-// of PyTorch's generic CPU kernel (upsample_generic_Nd_kernel_impl, used when the output's
-// height + width exceeds 128): per axis, scale = in / out and src = scale * (dst + 0.5) - 0.5
-// in float (not contracted), clamped at 0; i0 = floor(src), i1 = i0 + (i0 < in - 1),
-// l1 = clamp(src - i0, 0, 1), l0 = 1 - l1 (equal sizes copy); a value is
-// fma(t0, h0, t1 * h1) with t0 = fma(a, w0, b * w1), t1 = fma(c, w0, d * w1) (the compiler
-// contracts PyTorch's `t0 * w0 + t1 * w1`). solov2_d2/modeling/mask_upsample.py checks this
-// against the running PyTorch before using the kernel, and falls back if it ever differs.
+// It computes the definition of solov2_d2/modeling/mask_upsample.py, whose PyTorch ops it must
+// reproduce bit for bit: per axis, equal sizes are the identity; otherwise, in double,
+// src = max((d + 0.5) * (in / out) - 0.5, 0), i0 = min(floor(src), in - 1),
+// i1 = min(i0 + 1, in - 1), l1 = src - i0, and the float weights are w1 = (float)l1,
+// w0 = (float)(1 - l1); a value is a * w0 + b * w1 in float (two rounded products, one rounded
+// sum). A 2-D resize is the width step, then the height step.
 //
-// Build flags: -ffp-contract=off, so that only the explicit fmaf calls are fused.
+// Build flags (setup.py): -ffp-contract=off, so that the compiler fuses no multiply-add.
 #include "ops.h"
 
 #include <ATen/Parallel.h>
@@ -26,51 +23,52 @@
 namespace {
 
 struct Axis {
+  bool identity = false;
   std::vector<int64_t> i0, i1;
-  std::vector<float> l0, l1;
+  std::vector<float> w0, w1;
 };
 
 Axis linear_axis(int64_t in, int64_t out) {
   Axis axis;
+  axis.identity = in == out;
   axis.i0.resize(out);
   axis.i1.resize(out);
-  axis.l0.resize(out);
-  axis.l1.resize(out);
-  const float scale = static_cast<float>(in) / static_cast<float>(out);
+  axis.w0.resize(out);
+  axis.w1.resize(out);
+  const double scale = static_cast<double>(in) / static_cast<double>(out);
   for (int64_t d = 0; d < out; ++d) {
-    if (in == out) {
-      axis.i0[d] = d;
-      axis.i1[d] = d;
-      axis.l0[d] = 1.f;
-      axis.l1[d] = 0.f;
-      continue;
-    }
-    float src = scale * (static_cast<float>(d) + 0.5f) - 0.5f;
-    if (src < 0.f) src = 0.f;
+    double src = (static_cast<double>(d) + 0.5) * scale - 0.5;
+    if (src < 0.0) src = 0.0;
     const int64_t i0 = std::min(static_cast<int64_t>(std::floor(src)), in - 1);
-    const float l1 = std::min(std::max(src - static_cast<float>(i0), 0.f), 1.f);
-    axis.i0[d] = i0;
-    axis.i1[d] = i0 + ((i0 < in - 1) ? 1 : 0);
-    axis.l1[d] = l1;
-    axis.l0[d] = 1.f - l1;
+    const double l1 = src - static_cast<double>(i0);
+    axis.i0[d] = axis.identity ? d : i0;
+    axis.i1[d] = axis.identity ? d : std::min(i0 + 1, in - 1);
+    axis.w1[d] = static_cast<float>(l1);
+    axis.w0[d] = static_cast<float>(1.0 - l1);
   }
   return axis;
 }
 
-// dst[x] = fma(src[i0[x]], l0[x], src[i1[x]] * l1[x]): interpolation along a row.
+// dst[x] = src[i0[x]] * w0[x] + src[i1[x]] * w1[x]: the step along a row.
 inline void along_row(const float* src, const Axis& axis, float* dst, int64_t n) {
+  if (axis.identity) {
+    std::copy(src, src + n, dst);
+    return;
+  }
   for (int64_t x = 0; x < n; ++x) {
-    const float b = src[axis.i1[x]] * axis.l1[x];
-    dst[x] = std::fmaf(src[axis.i0[x]], axis.l0[x], b);
+    const float a = src[axis.i0[x]] * axis.w0[x];
+    const float b = src[axis.i1[x]] * axis.w1[x];
+    dst[x] = a + b;
   }
 }
 
-// dst[x] = fma(t0[x], h0, t1[x] * h1): interpolation between two interpolated rows.
-inline void between_rows(const float* t0, const float* t1, float h0, float h1, float* dst,
+// dst[x] = t0[x] * w0 + t1[x] * w1: the step between two rows.
+inline void between_rows(const float* t0, const float* t1, float w0, float w1, float* dst,
                          int64_t n) {
   for (int64_t x = 0; x < n; ++x) {
-    const float b = t1[x] * h1;
-    dst[x] = std::fmaf(t0[x], h0, b);
+    const float a = t0[x] * w0;
+    const float b = t1[x] * w1;
+    dst[x] = a + b;
   }
 }
 
@@ -116,7 +114,7 @@ std::vector<torch::Tensor> upsample_threshold(const torch::Tensor& soft, int64_t
       // Row y of the cropped x4 image, resized along the row (the resize step's t0 / t1).
       auto resized_row = [&](int64_t y, float* dst) {
         between_rows(across.data() + up_y.i0[y] * image_w, across.data() + up_y.i1[y] * image_w,
-                     up_y.l0[y], up_y.l1[y], padded_row.data(), image_w);
+                     up_y.w0[y], up_y.w1[y], padded_row.data(), image_w);
         along_row(padded_row.data(), rs_x, dst, out_w);
       };
       int64_t row_a = -1, row_b = -1;  // the resize step reads rows in non-decreasing order
@@ -124,7 +122,7 @@ std::vector<torch::Tensor> upsample_threshold(const torch::Tensor& soft, int64_t
       for (int64_t y = 0; y < out_h; ++y) {
         if (!resize) {
           between_rows(across.data() + up_y.i0[y] * image_w,
-                       across.data() + up_y.i1[y] * image_w, up_y.l0[y], up_y.l1[y],
+                       across.data() + up_y.i1[y] * image_w, up_y.w0[y], up_y.w1[y],
                        values.data(), out_w);
         } else {
           const int64_t need_a = rs_y.i0[y], need_b = rs_y.i1[y];
@@ -145,7 +143,7 @@ std::vector<torch::Tensor> upsample_threshold(const torch::Tensor& soft, int64_t
             }
             row_b = need_b;
           }
-          between_rows(slot_a.data(), slot_b.data(), rs_y.l0[y], rs_y.l1[y], values.data(),
+          between_rows(slot_a.data(), slot_b.data(), rs_y.w0[y], rs_y.w1[y], values.data(),
                        out_w);
         }
         uint8_t* row = mask_data + (m * out_h + y) * out_w;

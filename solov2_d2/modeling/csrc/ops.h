@@ -1,4 +1,5 @@
-// solov2_d2's CPU kernels (built together by solov2_d2/modeling/native.py).
+// solov2_d2's CPU kernels, compiled by setup.py into solov2_d2._C (loaded by
+// solov2_d2/modeling/native.py).
 #pragma once
 
 #include <torch/extension.h>
