@@ -58,8 +58,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 import pycocotools.mask as mask_util
+import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
+from detectron2.structures import BitMasks
 
 __all__ = [
     "SHAPES_CLASSES",
@@ -233,9 +235,8 @@ def _rasterize_shape(vertices: np.ndarray, height: int, width: int) -> np.ndarra
 
 def _box_of(mask: np.ndarray) -> Tuple[int, int, int, int]:
     """(x0, y0, x1, y1), exclusive ends, of the non-zero pixels of a non-empty mask."""
-    ys = np.flatnonzero(mask.any(axis=1))
-    xs = np.flatnonzero(mask.any(axis=0))
-    return int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1
+    box = BitMasks(torch.from_numpy(mask[None] != 0)).get_bounding_boxes().tensor[0]
+    return tuple(int(v) for v in box)
 
 
 def _is_valid_visible_region(visible: np.ndarray, unoccluded_pixels: int) -> bool:
