@@ -2,26 +2,33 @@
 
 Key names and defaults follow AdelaiDet's SOLOv2 so that its YAML files load unchanged. Keys that
 AdelaiDet does not have are marked "(solov2_d2)".
+
+The heads take their input channels and strides from the backbone (``backbone.output_shape()``).
+``INSTANCE_IN_CHANNELS`` and ``MASK_IN_CHANNELS`` stay because AdelaiDet's YAMLs set them; they
+are checked, not used: building the model fails if they disagree with the backbone's channels.
 """
 
 from detectron2.config import CfgNode as CN
 
 
 def add_solov2_config(cfg):
-    """Adds ``cfg.MODEL.SOLOV2`` (and nothing else) to a Detectron2 config, in place."""
+    """Adds ``cfg.MODEL.SOLOV2`` and, unless the config has it already, ``cfg.SOLVER.OPTIMIZER``
+    to a Detectron2 config, in place. Nothing else changes."""
     _C = cfg
     _C.MODEL.SOLOV2 = CN()
 
     # ---- Instance (kernel + category) head ----
-    # FPN levels the kernel head runs on, coarse grids on coarse levels.
+    # FPN levels the kernel head runs on, coarse grids on coarse levels; any number of them.
     _C.MODEL.SOLOV2.INSTANCE_IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
-    # Effective stride of each level after p2 is halved and p6 is resized to p5 (paper Sec. 3.1).
+    # Stride each level is resized to before its grid: ceil(padded input size / stride). The
+    # defaults halve p2 and bring p6 to p5's size (paper Sec. 3.1).
     _C.MODEL.SOLOV2.FPN_INSTANCE_STRIDES = [8, 8, 16, 32, 32]
     # sqrt(box area) range, in input pixels, of the objects each level is responsible for.
     _C.MODEL.SOLOV2.FPN_SCALE_RANGES = ((1, 96), (48, 192), (96, 384), (192, 768), (384, 2048))
     # Center-region scale: a cell is positive within SIGMA * half box size of the mass center.
     _C.MODEL.SOLOV2.SIGMA = 0.2
-    # Channels of the FPN features fed to the kernel head.
+    # Channels of the FPN features fed to the kernel head. Checked, not used: the head takes them
+    # from the backbone, and a different value here means a YAML written for another backbone.
     _C.MODEL.SOLOV2.INSTANCE_IN_CHANNELS = 256
     # Channels inside the category and kernel towers.
     _C.MODEL.SOLOV2.INSTANCE_CHANNELS = 512
@@ -31,7 +38,7 @@ def add_solov2_config(cfg):
     _C.MODEL.SOLOV2.USE_DCN_IN_INSTANCE = False
     # Kind of deformable conv, read only when USE_DCN_IN_INSTANCE is True.
     _C.MODEL.SOLOV2.TYPE_DCN = "DCN"
-    # S: the S x S grid of each instance level.
+    # S: the S x S grid of each instance level (read by the kernel head only).
     _C.MODEL.SOLOV2.NUM_GRIDS = [40, 36, 24, 16, 12]
     # Number of object categories (the category branch's outputs).
     _C.MODEL.SOLOV2.NUM_CLASSES = 80
@@ -45,9 +52,10 @@ def add_solov2_config(cfg):
     _C.MODEL.SOLOV2.PRIOR_PROB = 0.01
 
     # ---- Mask feature head ----
-    # FPN levels fused into the unified mask feature F at 1/4 scale.
+    # FPN levels fused into the unified mask feature F at 1/4 scale: consecutive, from p2.
     _C.MODEL.SOLOV2.MASK_IN_FEATURES = ["p2", "p3", "p4", "p5"]
-    # Channels of the FPN features fed to the mask feature head.
+    # Channels of the FPN features fed to the mask feature head; checked, not used (as
+    # INSTANCE_IN_CHANNELS).
     _C.MODEL.SOLOV2.MASK_IN_CHANNELS = 256
     # Channels inside the mask feature head.
     _C.MODEL.SOLOV2.MASK_CHANNELS = 128

@@ -56,6 +56,24 @@ def test_defaults_match_adelaidet():
         assert cfg.MODEL.SOLOV2.LOSS[key] == value, key
 
 
+def test_add_solov2_config_adds_model_solov2_and_solver_optimizer_only():
+    before = get_cfg()
+    after = get_cfg()
+    add_solov2_config(after)
+    added = {
+        f"{section}.{key}"
+        for section in after
+        if isinstance(after[section], dict)
+        for key in set(after[section]) - set(before[section])
+    }
+    assert added == {"MODEL.SOLOV2", "SOLVER.OPTIMIZER"}
+    assert after.SOLVER.OPTIMIZER == "SGD"
+    # A config that already has an optimizer key keeps its value.
+    before.SOLVER.OPTIMIZER = "ADAMW"
+    add_solov2_config(before)
+    assert before.SOLVER.OPTIMIZER == "ADAMW"
+
+
 def test_add_solov2_config_does_not_touch_global_defaults():
     cfg = get_cfg()
     add_solov2_config(cfg)
@@ -104,7 +122,12 @@ def test_adelaidet_style_yaml_loads(tmp_path):
         ("NMS_TYPE", "soft", ValueError, "NMS_TYPE"),
         ("NMS_KERNEL", "cosine", ValueError, "NMS_KERNEL"),
         ("NUM_KERNELS", 32, ValueError, "NUM_KERNELS"),
-        ("NUM_GRIDS", [12, 10, 8], ValueError, "NUM_GRIDS"),
+        ("NUM_GRIDS", [12, 10, 8], ValueError, "NUM_GRIDS has 3 entries"),
+        ("FPN_INSTANCE_STRIDES", [8, 16], ValueError, "FPN_INSTANCE_STRIDES has 2 entries"),
+        ("FPN_SCALE_RANGES", [[1, 64]], ValueError, "FPN_SCALE_RANGES has 1 entries"),
+        # Kept for AdelaiDet's YAMLs and checked against the backbone (tiny_cfg's FPN: 64).
+        ("INSTANCE_IN_CHANNELS", 256, ValueError, "INSTANCE_IN_CHANNELS is 256, but"),
+        ("MASK_IN_CHANNELS", 256, ValueError, "MASK_IN_CHANNELS is 256, but"),
     ],
 )
 def test_set_but_unimplemented_or_inconsistent_keys_fail_clearly(key, value, error, words):

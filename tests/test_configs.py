@@ -39,12 +39,14 @@ def count(module):
     return sum(p.numel() for p in module.parameters())
 
 
-def kernel_head_parameters(sol):
-    """Category and kernel towers (NUM_INSTANCE_CONVS 3x3 convs each; the kernel tower's input has
-    2 coordinate channels more) and their 3x3 output convs (with biases)."""
+def kernel_head_parameters(cfg):
+    """Category and kernel towers (NUM_INSTANCE_CONVS 3x3 convs each on the FPN's channels; the
+    kernel tower's input has 2 coordinate channels more) and their 3x3 output convs (with
+    biases)."""
+    sol = cfg.MODEL.SOLOV2
     c, n = sol.INSTANCE_CHANNELS, sol.NUM_INSTANCE_CONVS
     per_norm = 2 * c if sol.NORM == "GN" else c  # GN weight + bias, or the conv's bias
-    in_channels = sol.INSTANCE_IN_CHANNELS
+    in_channels = cfg.MODEL.FPN.OUT_CHANNELS
 
     def tower(first_in):
         return 9 * first_in * c + (n - 1) * 9 * c * c + n * per_norm
@@ -60,11 +62,17 @@ def kernel_head_parameters(sol):
     )
 
 
-def mask_head_parameters(sol):
-    """Level l of the mask feature head has max(l, 1) 3x3 convs, the coarsest one gets 2
-    coordinate channels; then a 1x1 conv to NUM_MASKS channels. Every conv is followed by GN."""
+def mask_head_parameters(cfg):
+    """Level l of the mask feature head has max(l, 1) 3x3 convs (the first on the FPN's
+    channels), the coarsest one gets 2 coordinate channels; then a 1x1 conv to NUM_MASKS
+    channels. Every conv is followed by GN."""
+    sol = cfg.MODEL.SOLOV2
     assert sol.NORM == "GN"
-    c, in_channels, levels = sol.MASK_CHANNELS, sol.MASK_IN_CHANNELS, len(sol.MASK_IN_FEATURES)
+    c, in_channels, levels = (
+        sol.MASK_CHANNELS,
+        cfg.MODEL.FPN.OUT_CHANNELS,
+        len(sol.MASK_IN_FEATURES),
+    )
     total = 0
     for level in range(levels):
         first_in = in_channels + (2 if level == levels - 1 and level > 0 else 0)
@@ -108,8 +116,8 @@ def test_every_config_builds_a_model_with_the_heads_it_describes(path, parameter
     cfg = load_config(path)
     assert cfg.MODEL.META_ARCHITECTURE == "SOLOv2"
     backbone, kernel_head, mask_head, total = parameter_counts[os.path.basename(path)]
-    assert kernel_head == kernel_head_parameters(cfg.MODEL.SOLOV2)
-    assert mask_head == mask_head_parameters(cfg.MODEL.SOLOV2)
+    assert kernel_head == kernel_head_parameters(cfg)
+    assert mask_head == mask_head_parameters(cfg)
     assert total == backbone + kernel_head + mask_head
 
 
@@ -272,10 +280,13 @@ def test_adelaidet_style_yaml_merges_and_builds(tmp_path):
     assert sol.LOSS.FOCAL_GAMMA == 2.0 and sol.LOSS.DICE_WEIGHT == 2.5
 
     model = build_model(cfg)
-    assert model.instance_in_features == ["p3", "p4", "p5", "p6"]
-    assert model.mask_in_features == ["p2", "p3", "p4"]
-    assert model.instance_strides == [8, 16, 32, 32]
-    assert model.num_grids == [32, 24, 16, 12]
+    assert model.ins_head.in_features == ["p3", "p4", "p5", "p6"]
+    assert model.ins_head.in_strides == [8, 16, 32, 64]
+    assert model.ins_head.instance_strides == [8, 16, 32, 32]
+    assert model.ins_head.num_grids == [32, 24, 16, 12]
+    assert model.num_grids is model.ins_head.num_grids  # one owner
+    assert model.mask_head.in_features == ["p2", "p3", "p4"]
+    assert model.mask_head.output_stride == 4
     assert model.scale_ranges == [(1, 64), (32, 128), (64, 256), (128, 2048)]
     assert model.num_classes == 20
     assert (model.focal_alpha, model.focal_gamma) == (0.3, 2.0)
@@ -285,8 +296,8 @@ def test_adelaidet_style_yaml_merges_and_builds(tmp_path):
     assert (params.max_per_image, params.nms_kernel, params.nms_sigma) == (50, "linear", 3.0)
     assert model.ins_head.cate_pred.out_channels == 20
     assert model.ins_head.kernel_pred.out_channels == 64
-    assert count(model.ins_head) == kernel_head_parameters(sol)
-    assert count(model.mask_head) == mask_head_parameters(sol)
+    assert count(model.ins_head) == kernel_head_parameters(cfg)
+    assert count(model.mask_head) == mask_head_parameters(cfg)
     # One grid cell per location of every level, 32^2 + 24^2 + 16^2 + 12^2.
     assert model.cell_strides.numel() == 1024 + 576 + 256 + 144
 

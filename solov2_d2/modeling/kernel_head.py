@@ -11,33 +11,54 @@ the official/AdelaiDet implementation so its checkpoints load unchanged.
 """
 
 import math
-from typing import List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
 from torch import nn
 
-from .layers import append_coordinates, conv_norm_relu, init_conv_weights
+from .layers import (
+    append_coordinates,
+    check_in_channels_key,
+    conv_norm_relu,
+    init_conv_weights,
+    select_features,
+)
 
 
-def instance_level_features(features: List[torch.Tensor]) -> List[torch.Tensor]:
-    """FPN p2..p6 -> the kernel head's inputs at effective strides 8, 8, 16, 32, 32.
+def instance_level_features(
+    features: Sequence[torch.Tensor], strides: Sequence[int], instance_strides: Sequence[int]
+) -> List[torch.Tensor]:
+    """Resizes each FPN level to the stride the kernel head runs it at (paper Sec. 3.1).
 
-    p2 is halved (bilinear) and p6 is resized to p5's size; the finest and coarsest grids
-    otherwise sit on maps that are needlessly large or small for them.
+    Level k, of stride ``strides[k]``, is resized (bilinear) to ``ceil(H / instance_strides[k])
+    x ceil(W / instance_strides[k])``, where H x W is the padded input size, recovered from the
+    finest level (its size times its stride: exact when the input is padded to a multiple of the
+    strides, as Detectron2's FPN pads it to 32). Strided convolutions and pooling make every
+    level ``ceil(H / stride)`` high, so a level whose instance stride is its own stride keeps
+    its size and is returned as it is.
+
+    With the official p2..p6 and instance strides 8, 8, 16, 32, 32 this halves p2 and brings p6
+    to p5's size: the finest and coarsest grids otherwise sample maps that are needlessly large
+    or small for them. Any number of levels follows the same rule.
     """
-    if len(features) != 5:
-        # Custom level lists (e.g. fewer levels) are used as they are.
-        return list(features)
-    p2, p3, p4, p5, p6 = features
-    return [
-        F.interpolate(p2, scale_factor=0.5, mode="bilinear", align_corners=False),
-        p3,
-        p4,
-        p5,
-        F.interpolate(p6, size=p5.shape[-2:], mode="bilinear", align_corners=False),
-    ]
+    if not len(features) == len(strides) == len(instance_strides):
+        raise ValueError(
+            "instance_level_features got {} levels, {} strides and {} instance strides".format(
+                len(features), len(strides), len(instance_strides)
+            )
+        )
+    finest = min(range(len(features)), key=lambda level: strides[level])
+    height, width = (size * strides[finest] for size in features[finest].shape[-2:])
+    resized = []
+    for feature, instance_stride in zip(features, instance_strides):
+        size = (-(-height // instance_stride), -(-width // instance_stride))
+        if tuple(feature.shape[-2:]) != size:
+            feature = F.interpolate(feature, size=size, mode="bilinear", align_corners=False)
+        resized.append(feature)
+    return resized
 
 
 def _conv_tower(in_channels: int, channels: int, num_convs: int, norm: str) -> nn.Sequential:
@@ -48,11 +69,20 @@ def _conv_tower(in_channels: int, channels: int, num_convs: int, norm: str) -> n
 
 
 class SOLOv2KernelHead(nn.Module):
+    """Category and kernel branches over the S x S grids of the instance levels.
+
+    The head owns the instance levels' layout: which backbone features it reads
+    (``in_features``), the stride each is resized to (``instance_strides``) and each level's
+    grid size S (``num_grids``, the one reader of ``MODEL.SOLOV2.NUM_GRIDS``). The META_ARCH and
+    the target assigner ask it for them.
+    """
+
     @configurable
     def __init__(
         self,
+        input_shape: Dict[str, ShapeSpec],
         *,
-        in_channels: int,
+        instance_strides: List[int],
         channels: int,
         num_convs: int,
         num_grids: List[int],
@@ -64,7 +94,10 @@ class SOLOv2KernelHead(nn.Module):
     ):
         """
         Args:
-            in_channels: channels of the FPN features.
+            input_shape: the backbone features the head reads, finest grid first, by name (the
+                order of the levels; e.g. p2..p6): their channels (all equal, the towers are
+                shared by the levels) and strides.
+            instance_strides: per level, the stride it is resized to before its grid.
             channels: channels inside both towers.
             num_convs: 3x3 conv (+ GN + ReLU) blocks per tower; the towers are shared by levels.
             num_grids: S of each level.
@@ -77,7 +110,29 @@ class SOLOv2KernelHead(nn.Module):
         super().__init__()
         if norm not in ("GN", ""):
             raise ValueError("MODEL.SOLOV2.NORM must be 'GN' or 'none', got {!r}".format(norm))
+        self.in_features = list(input_shape)
+        self.in_strides = [input_shape[name].stride for name in self.in_features]
+        self.instance_strides = list(instance_strides)
         self.num_grids = list(num_grids)
+        for key, values in (
+            ("FPN_INSTANCE_STRIDES", self.instance_strides),
+            ("NUM_GRIDS", self.num_grids),
+        ):
+            if len(values) != len(self.in_features):
+                raise ValueError(
+                    "MODEL.SOLOV2.{} has {} entries but INSTANCE_IN_FEATURES has {} ({})".format(
+                        key, len(values), len(self.in_features), ", ".join(self.in_features)
+                    )
+                )
+        level_channels = {input_shape[name].channels for name in self.in_features}
+        if len(level_channels) != 1:
+            raise ValueError(
+                "the kernel head's towers are shared by its levels, so its input features must "
+                "have one channel count; got {}".format(
+                    {name: input_shape[name].channels for name in self.in_features}
+                )
+            )
+        (in_channels,) = level_channels
         self.use_coord_conv = use_coord_conv
         kernel_in = in_channels + 2 if use_coord_conv else in_channels
         self.cate_tower = _conv_tower(in_channels, channels, num_convs, norm)
@@ -90,10 +145,15 @@ class SOLOv2KernelHead(nn.Module):
         nn.init.constant_(self.cate_pred.bias, -math.log((1 - prior_prob) / prior_prob))
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         sol = cfg.MODEL.SOLOV2
+        level_shapes = select_features(
+            input_shape, sol.INSTANCE_IN_FEATURES, "INSTANCE_IN_FEATURES"
+        )
+        check_in_channels_key("INSTANCE_IN_CHANNELS", sol.INSTANCE_IN_CHANNELS, level_shapes)
         return {
-            "in_channels": sol.INSTANCE_IN_CHANNELS,
+            "input_shape": level_shapes,
+            "instance_strides": list(sol.FPN_INSTANCE_STRIDES),
             "channels": sol.INSTANCE_CHANNELS,
             "num_convs": sol.NUM_INSTANCE_CONVS,
             "num_grids": list(sol.NUM_GRIDS),
@@ -104,25 +164,26 @@ class SOLOv2KernelHead(nn.Module):
             "prior_prob": sol.PRIOR_PROB,
         }
 
+    def instance_features(self, features: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
+        """The head's levels of the backbone ``features``, each resized to its instance stride
+        (``instance_level_features``)."""
+        return instance_level_features(
+            [features[name] for name in self.in_features], self.in_strides, self.instance_strides
+        )
+
     def forward(
-        self, features: List[torch.Tensor]
+        self, features: Dict[str, torch.Tensor]
     ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """
         Args:
-            features: one (N, C, H, W) map per instance level (see ``instance_level_features``).
+            features: the backbone's output by name; the head reads its ``in_features``.
 
         Returns:
             category_logits: per level (N, num_classes, S, S).
             kernel_preds: per level (N, num_kernels, S, S).
         """
-        if len(features) != len(self.num_grids):
-            raise ValueError(
-                "the kernel head got {} feature levels but NUM_GRIDS has {} entries".format(
-                    len(features), len(self.num_grids)
-                )
-            )
         category_logits, kernel_preds = [], []
-        for feature, num_grid in zip(features, self.num_grids):
+        for feature, num_grid in zip(self.instance_features(features), self.num_grids):
             if self.use_coord_conv:
                 feature = append_coordinates(feature)
             # One resize for both branches: the category branch drops the coordinate channels.

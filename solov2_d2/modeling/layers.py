@@ -1,8 +1,10 @@
-"""Small building blocks shared by both SOLOv2 heads: coordinate channels and conv blocks."""
+"""Small building blocks shared by both SOLOv2 heads: coordinate channels, conv blocks, and the
+checks of the backbone features a head is built for."""
 
-from typing import List
+from typing import Dict, List, Sequence
 
 import torch
+from detectron2.layers import ShapeSpec
 from torch import nn
 
 
@@ -41,3 +43,42 @@ def init_conv_weights(module: nn.Module) -> None:
             nn.init.normal_(conv.weight, std=0.01)
             if conv.bias is not None:
                 nn.init.constant_(conv.bias, 0)
+
+
+def select_features(
+    input_shape: Dict[str, ShapeSpec], names: Sequence[str], key: str
+) -> Dict[str, ShapeSpec]:
+    """``input_shape`` (the backbone's ``output_shape()``) restricted to ``names``, in their
+    order. A name the backbone does not output fails here, naming the config ``key`` and the
+    features the backbone has."""
+    missing = [name for name in names if name not in input_shape]
+    if missing:
+        raise ValueError(
+            "MODEL.SOLOV2.{} names {}, which the backbone does not output (it has {})".format(
+                key, ", ".join(missing), ", ".join(input_shape)
+            )
+        )
+    return {name: input_shape[name] for name in names}
+
+
+def check_in_channels_key(key: str, value: int, level_shapes: Dict[str, ShapeSpec]) -> None:
+    """``MODEL.SOLOV2.INSTANCE_IN_CHANNELS`` / ``MASK_IN_CHANNELS`` must agree with the backbone.
+
+    The heads take their input channels from the backbone's ``output_shape()``. The keys stay
+    because AdelaiDet's YAMLs set them; they are checked rather than ignored because a YAML whose
+    value disagrees was written for another backbone, and its head weights would not fit (which
+    Detectron2's checkpointer reports only as a warning, leaving those weights random).
+    """
+    disagree = {name: s.channels for name, s in level_shapes.items() if s.channels != value}
+    if disagree:
+        raise ValueError(
+            "MODEL.SOLOV2.{} is {}, but the backbone's {} have {} channels. The heads take "
+            "their input channels from the backbone; the key is only checked (it exists for "
+            "AdelaiDet's YAMLs): set it to the backbone's channels (MODEL.FPN.OUT_CHANNELS for "
+            "the FPN).".format(
+                key,
+                value,
+                ", ".join(disagree),
+                ", ".join(str(c) for c in sorted(set(disagree.values()))),
+            )
+        )

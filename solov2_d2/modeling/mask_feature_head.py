@@ -9,13 +9,20 @@ Module names (``convs_all_levels.<level>.conv<j>``, ``conv_pred``) match the off
 implementation so its checkpoints load unchanged.
 """
 
-from typing import List
+from typing import Dict, List
 
 import torch
 from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
 from torch import nn
 
-from .layers import append_coordinates, conv_norm_relu, init_conv_weights
+from .layers import (
+    append_coordinates,
+    check_in_channels_key,
+    conv_norm_relu,
+    init_conv_weights,
+    select_features,
+)
 
 
 def _conv_norm_relu(in_channels, out_channels, kernel_size, norm):
@@ -26,29 +33,43 @@ class SOLOv2MaskFeatureHead(nn.Module):
     @configurable
     def __init__(
         self,
+        input_shape: Dict[str, ShapeSpec],
         *,
-        in_channels: int,
         channels: int,
         num_masks: int,
-        num_levels: int = 4,
         norm: str = "GN",
     ):
         """
         Args:
-            in_channels: channels of the FPN features.
+            input_shape: the backbone features fused, finest first (p2, p3, ...), by name: their
+                channels and strides. Each level's stride must be twice the previous one's (level
+                i is upsampled i times by 2); the last level gets the coordinates. F has the
+                finest level's stride (``output_stride``).
             channels: channels of the per-level branches.
             num_masks: E, the channels of the mask feature F.
-            num_levels: FPN levels fused, finest first (p2..p5); the last one gets coordinates.
             norm: "GN" or "" (no normalization).
         """
         super().__init__()
         if norm not in ("GN", ""):
             raise ValueError("MODEL.SOLOV2.NORM must be 'GN' or 'none', got {!r}".format(norm))
-        self.num_levels = num_levels
+        self.in_features = list(input_shape)
+        if not self.in_features:
+            raise ValueError("MODEL.SOLOV2.MASK_IN_FEATURES is empty")
+        strides = [input_shape[name].stride for name in self.in_features]
+        if any(coarse != 2 * fine for fine, coarse in zip(strides, strides[1:])):
+            raise ValueError(
+                "MODEL.SOLOV2.MASK_IN_FEATURES must be consecutive FPN levels, each of twice the "
+                "previous stride (level i is upsampled i times by 2); got strides {}".format(
+                    dict(zip(self.in_features, strides))
+                )
+            )
+        self.output_stride = strides[0]
+        num_levels = len(self.in_features)
         self.convs_all_levels = nn.ModuleList()
-        for level in range(num_levels):
+        for level, name in enumerate(self.in_features):
             branch = nn.Sequential()
-            # Coordinates go in at the coarsest level (1/32) only.
+            in_channels = input_shape[name].channels
+            # Coordinates go in at the coarsest level (1/32 for p2..p5) only.
             level_in = in_channels + 2 if level == num_levels - 1 and level > 0 else in_channels
             for j in range(max(level, 1)):
                 branch.add_module(
@@ -66,35 +87,32 @@ class SOLOv2MaskFeatureHead(nn.Module):
         init_conv_weights(self)
 
     @classmethod
-    def from_config(cls, cfg):
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         sol = cfg.MODEL.SOLOV2
+        level_shapes = select_features(input_shape, sol.MASK_IN_FEATURES, "MASK_IN_FEATURES")
+        check_in_channels_key("MASK_IN_CHANNELS", sol.MASK_IN_CHANNELS, level_shapes)
         return {
-            "in_channels": sol.MASK_IN_CHANNELS,
+            "input_shape": level_shapes,
             "channels": sol.MASK_CHANNELS,
             "num_masks": sol.NUM_MASKS,
-            "num_levels": len(sol.MASK_IN_FEATURES),
             "norm": "" if sol.NORM.lower() == "none" else sol.NORM,
         }
 
-    def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
+    def forward(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
         """
         Args:
-            features: FPN maps p2, p3, ... (strides 4, 8, ...); input padded to a multiple of the
-                coarsest stride so that every upsampled branch lands exactly on p2's size.
+            features: the backbone's output by name; the head reads its ``in_features``. The
+                input must be padded to a multiple of the coarsest stride so that every
+                upsampled branch lands exactly on the finest level's size.
 
         Returns:
-            the mask feature F, (N, num_masks, H/4, W/4).
+            the mask feature F, (N, num_masks, H / output_stride, W / output_stride).
         """
-        if len(features) != self.num_levels:
-            raise ValueError(
-                "the mask feature head expects {} levels, got {}".format(
-                    self.num_levels, len(features)
-                )
-            )
-        fused = self.convs_all_levels[0](features[0])
-        for level in range(1, self.num_levels):
-            feature = features[level]
-            if level == self.num_levels - 1:
+        levels: List[torch.Tensor] = [features[name] for name in self.in_features]
+        fused = self.convs_all_levels[0](levels[0])
+        for level in range(1, len(levels)):
+            feature = levels[level]
+            if level == len(levels) - 1:
                 feature = append_coordinates(feature)
             fused = fused + self.convs_all_levels[level](feature)
         return self.conv_pred(fused)

@@ -10,7 +10,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import BitMasks, ImageList, Instances, PolygonMasks
 from torch import nn
 
-from .kernel_head import SOLOv2KernelHead, instance_level_features
+from .kernel_head import SOLOv2KernelHead
 from .losses import solov2_losses
 from .mask_feature_head import SOLOv2MaskFeatureHead
 from .postprocess import InferenceParams, point_nms, postprocess_single_image
@@ -41,14 +41,6 @@ def _check_config(cfg):
             "MODEL.SOLOV2.NUM_KERNELS ({}) must equal NUM_MASKS ({}): the dynamic kernels are 1x1 "
             "convolutions over the mask feature".format(sol.NUM_KERNELS, sol.NUM_MASKS)
         )
-    num_levels = len(sol.INSTANCE_IN_FEATURES)
-    for key in ("FPN_INSTANCE_STRIDES", "FPN_SCALE_RANGES", "NUM_GRIDS"):
-        if len(sol[key]) != num_levels:
-            raise ValueError(
-                "MODEL.SOLOV2.{} has {} entries but INSTANCE_IN_FEATURES has {}".format(
-                    key, len(sol[key]), num_levels
-                )
-            )
 
 
 @META_ARCH_REGISTRY.register()
@@ -60,13 +52,9 @@ class SOLOv2(nn.Module):
         self,
         *,
         backbone: nn.Module,
-        kernel_head: nn.Module,
-        mask_head: nn.Module,
-        instance_in_features: List[str],
-        mask_in_features: List[str],
-        instance_strides: List[int],
+        kernel_head: SOLOv2KernelHead,
+        mask_head: SOLOv2MaskFeatureHead,
         scale_ranges: List[List[float]],
-        num_grids: List[int],
         sigma: float,
         num_classes: int,
         focal_alpha: float,
@@ -77,16 +65,38 @@ class SOLOv2(nn.Module):
         pixel_mean: List[float],
         pixel_std: List[float],
     ):
+        """
+        Args:
+            backbone: gives the features by name (``output_shape()``: their channels, strides).
+            kernel_head, mask_head: read their features from the backbone's output; the kernel
+                head owns the instance levels (features, instance strides, grid sizes).
+            scale_ranges, sigma: the target assigner's (one range per instance level).
+            The others: the losses' and inference's parameters, the input normalization.
+        """
         super().__init__()
         self.backbone = backbone
         # "ins_head"/"mask_head" are the official module names: their checkpoints load as is.
         self.ins_head = kernel_head
         self.mask_head = mask_head
-        self.instance_in_features = list(instance_in_features)
-        self.mask_in_features = list(mask_in_features)
-        self.instance_strides = list(instance_strides)
+        # The kernel head checks its own keys (FPN_INSTANCE_STRIDES, NUM_GRIDS) against its
+        # levels; the scale ranges are the target assigner's, one per level too.
+        if len(scale_ranges) != len(kernel_head.num_grids):
+            raise ValueError(
+                "MODEL.SOLOV2.FPN_SCALE_RANGES has {} entries but the kernel head has {} levels "
+                "(INSTANCE_IN_FEATURES: {})".format(
+                    len(scale_ranges),
+                    len(kernel_head.num_grids),
+                    ", ".join(kernel_head.in_features),
+                )
+            )
+        if mask_head.output_stride != 4:
+            raise ValueError(
+                "the mask feature must have stride 4 (the mask targets and the final masks' "
+                "upsampling assume it); MASK_IN_FEATURES starts at stride {}".format(
+                    mask_head.output_stride
+                )
+            )
         self.scale_ranges = [tuple(r) for r in scale_ranges]
-        self.num_grids = list(num_grids)
         self.sigma = sigma
         self.num_classes = num_classes
         self.focal_alpha = focal_alpha
@@ -103,7 +113,7 @@ class SOLOv2(nn.Module):
             torch.cat(
                 [
                     torch.full((s * s,), float(stride))
-                    for s, stride in zip(self.num_grids, self.instance_strides)
+                    for s, stride in zip(kernel_head.num_grids, kernel_head.instance_strides)
                 ]
             ),
             False,
@@ -113,15 +123,12 @@ class SOLOv2(nn.Module):
     def from_config(cls, cfg):
         _check_config(cfg)
         sol = cfg.MODEL.SOLOV2
+        backbone = build_backbone(cfg)
         return {
-            "backbone": build_backbone(cfg),
-            "kernel_head": SOLOv2KernelHead(cfg),
-            "mask_head": SOLOv2MaskFeatureHead(cfg),
-            "instance_in_features": sol.INSTANCE_IN_FEATURES,
-            "mask_in_features": sol.MASK_IN_FEATURES,
-            "instance_strides": sol.FPN_INSTANCE_STRIDES,
+            "backbone": backbone,
+            "kernel_head": SOLOv2KernelHead(cfg, backbone.output_shape()),
+            "mask_head": SOLOv2MaskFeatureHead(cfg, backbone.output_shape()),
             "scale_ranges": sol.FPN_SCALE_RANGES,
-            "num_grids": sol.NUM_GRIDS,
             "sigma": sol.SIGMA,
             "num_classes": sol.NUM_CLASSES,
             "focal_alpha": sol.LOSS.FOCAL_ALPHA,
@@ -147,6 +154,11 @@ class SOLOv2(nn.Module):
     def device(self):
         return self.pixel_mean.device
 
+    @property
+    def num_grids(self) -> List[int]:
+        """S of each instance level: the kernel head's (it owns ``NUM_GRIDS``)."""
+        return self.ins_head.num_grids
+
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
         images = [
             (x["image"].to(self.device, non_blocking=True).float() - self.pixel_mean)
@@ -168,10 +180,8 @@ class SOLOv2(nn.Module):
         """
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
-        category_logits, kernel_preds = self.ins_head(
-            instance_level_features([features[f] for f in self.instance_in_features])
-        )
-        mask_feature = self.mask_head([features[f] for f in self.mask_in_features])
+        category_logits, kernel_preds = self.ins_head(features)
+        mask_feature = self.mask_head(features)
 
         if self.training:
             gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
