@@ -98,3 +98,27 @@ def write_tiny_config(directory, num_classes=3, name="tiny.yaml", **sections):
     with open(path, "w") as stream:
         yaml.safe_dump(content, stream, sort_keys=False)
     return path
+
+
+def sharpen_untrained_heads(model, factor=10.0):
+    """Scales the weights of the category and kernel predictors of an untrained SOLOv2 by
+    ``factor``, so that its outputs depend visibly on the image. At init every category logit sits
+    near the PRIOR_PROB bias (scores ~0.01, below SCORE_THR 0.1: no detection) and every mask logit
+    near 0 (sigmoid ~0.5 = MASK_THR, where float rounding decides pixels). With 10x the scores of
+    a 64 x 64 image spread over ~[0, 0.8], so that tens of detections pass the default thresholds,
+    and the mask logits lie well away from the mask threshold. The biases (the prior) stay."""
+    with torch.no_grad():
+        model.ins_head.cate_pred.weight.mul_(factor)
+        model.ins_head.kernel_pred.weight.mul_(factor)
+    return model
+
+
+@pytest.fixture(scope="module")
+def detecting_model():
+    """``tiny_cfg``'s model (seed 0) with ``sharpen_untrained_heads``, in eval mode, at the
+    config's thresholds. Shared by a module's tests: switch modes as needed, change nothing
+    else."""
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    return sharpen_untrained_heads(build_model(tiny_cfg())).eval()
