@@ -18,7 +18,6 @@ from torch import nn
 from solov2_d2.modeling import mask_upsample
 from solov2_d2.modeling import postprocess as postprocess_module
 from solov2_d2.modeling.fast import fold_frozen_batchnorm, optimize_for_inference
-from solov2_d2.modeling.kernel_head import instance_level_features
 from solov2_d2.modeling.postprocess import (
     InferenceParams,
     postprocess_single_image,
@@ -253,10 +252,8 @@ def test_optimized_model_gives_the_same_detections(frozen_bn_model, cfg_name):
     with torch.no_grad():
         images = plain.preprocess_image(inputs)
         features = plain.backbone(images.tensor)
-        heads = plain.ins_head(
-            instance_level_features([features[f] for f in plain.instance_in_features])
-        )
-        mask_feature = plain.mask_head([features[f] for f in plain.mask_in_features])
+        heads = plain.ins_head(features)
+        mask_feature = plain.mask_head(features)
         reference = plain.inference(
             *heads, mask_feature, images, inputs, postprocess=postprocess_single_image_reference
         )
@@ -271,6 +268,8 @@ def test_optimized_model_gives_the_same_detections(frozen_bn_model, cfg_name):
 
 def assert_bitwise_equal_results(results, others):
     assert len(results) == len(others)
+    # Two lists of empty results would be equal whatever the model did.
+    assert any(len(r["instances"]) > 0 for r in results)
     for a, b in zip(results, others):
         assert_bitwise_equal(a["instances"], b["instances"])
 
