@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: machine header, timing, peak memory, report files.
+"""Helpers shared by the benchmark scripts: machine header, timing, the staged forward pass,
+peak memory, report files, synthetic data.
 
 The scripts run as ``.venv/bin/python benchmarks/<name>.py``, so this module is imported as
 ``common`` (the script's folder is first on ``sys.path``) and puts the repository root on the
@@ -13,9 +14,10 @@ import resource
 import statistics
 import sys
 import time
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
+from detectron2.structures import ImageList
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
@@ -88,6 +90,50 @@ class StageTimer:
         now = time.perf_counter()
         self.times[stage] = self.times.get(stage, 0.0) + now - self._last
         self._last = now
+
+
+# ------------------------------------------------------------------------ staged forward pass
+class HeadOutputs(NamedTuple):
+    """What ``SOLOv2.forward`` has computed when its heads are done."""
+
+    images: ImageList
+    category_logits: List[torch.Tensor]
+    kernel_preds: List[torch.Tensor]
+    mask_feature: torch.Tensor
+
+
+def forward_to_heads(model, inputs: List[Dict], timer: Optional[StageTimer] = None) -> HeadOutputs:
+    """``SOLOv2.forward`` up to the heads, through the model's public pieces (``preprocess_image``,
+    ``backbone``, ``ins_head``, ``mask_head``), so that the benchmarks time the model's own code.
+    With a ``timer``, marks the stages "preprocess", "backbone+FPN" and "heads"."""
+    mark = timer.mark if timer is not None else (lambda stage: None)
+    images = model.preprocess_image(inputs)
+    mark("preprocess")
+    features = model.backbone(images.tensor)
+    mark("backbone+FPN")
+    category_logits, kernel_preds = model.ins_head(features)
+    mask_feature = model.mask_head(features)
+    mark("heads")
+    return HeadOutputs(images, category_logits, kernel_preds, mask_feature)
+
+
+def staged_inference(
+    model, inputs: List[Dict], postprocess: Callable, timer: Optional[StageTimer] = None
+) -> List[Dict]:
+    """``SOLOv2.forward``'s inference path as ``forward_to_heads`` and ``model.inference`` with the
+    given ``postprocess`` (a "postprocess" stage with a ``timer``); returns the model's results."""
+    heads = forward_to_heads(model, inputs, timer)
+    results = model.inference(
+        heads.category_logits,
+        heads.kernel_preds,
+        heads.mask_feature,
+        heads.images,
+        inputs,
+        postprocess=postprocess,
+    )
+    if timer is not None:
+        timer.mark("postprocess")
+    return results
 
 
 def medians_ms(runs: List[Dict[str, float]]) -> Dict[str, float]:

@@ -29,10 +29,16 @@ Three forms of the same weights run in the same process, their timed runs interl
 Both non-eager forms' predictions are compared with eager's: number of instances, classes,
 scores, masks (bitwise, or per-instance IoU and the largest score difference).
 
+Every form runs through ``common.staged_inference``: the model's own public pieces
+(``preprocess_image``, ``backbone``, ``ins_head``, ``mask_head``, ``inference`` with the form's
+``postprocess``), timed between them; a check at the start asserts that it gives
+``SOLOv2.forward``'s predictions bit for bit.
+
 Memory. Unless ``--default-malloc`` is given, the process first calls
 ``solov2_d2.engine.memory.retain_freed_memory()`` (all forms share the process and the setting):
 with glibc's defaults every tensor above 32 MiB is a fresh mmap whose pages are faulted in on
-every forward pass, which at 800 x 1216 costs about as much as the convolutions themselves.
+every forward pass, a large share of a CPU forward pass at 800 x 1216
+(``benchmarks/results/inference_default_malloc.md`` against ``inference.md``).
 
 Weights. Random weights (seed 0) give an untrained model whose category scores all sit at the
 focal-loss prior (0.01) and whose activations, with identity FrozenBN statistics, grow without
@@ -58,7 +64,7 @@ skips pixels outside the masks' boxes, saves less than it would on real, compact
 The images are synthetic: a plain background with 12 random ellipses and rectangles in random
 colours, plus a little noise (seeds 0-3).
 
-    .venv/bin/python benchmarks/inference.py                  # full run, ~15 min on 2 cores
+    .venv/bin/python benchmarks/inference.py                  # full run (minutes)
     .venv/bin/python benchmarks/inference.py --quick          # smoke run, batch 1, 1 run
     .venv/bin/python benchmarks/inference.py --device cuda    # on a GPU -> inference_cuda.md
     .venv/bin/python benchmarks/inference.py --default-malloc # glibc's default allocator settings
@@ -84,10 +90,12 @@ from common import (  # noqa: E402
     add_malloc_option,
     apply_malloc_option,
     calibrate_frozen_batchnorm,
+    forward_to_heads,
     load_average,
     machine_header,
     markdown_table,
     medians_ms,
+    staged_inference,
     synthetic_scene,
     write_report,
 )
@@ -96,7 +104,6 @@ from detectron2.modeling import build_model  # noqa: E402
 
 from solov2_d2 import add_solov2_config  # noqa: E402
 from solov2_d2.modeling.fast import optimize_for_inference  # noqa: E402
-from solov2_d2.modeling.kernel_head import instance_level_features  # noqa: E402
 from solov2_d2.modeling.postprocess import (  # noqa: E402
     point_nms,
     postprocess_single_image,
@@ -127,10 +134,7 @@ def calibrate_category_bias(model, image_input, target: int) -> float:
     """Shifts ``cate_pred.bias`` so that ``target`` cells x classes pass SCORE_THR after point
     NMS on this image; returns the shift."""
     threshold = model.inference_params.score_threshold
-    features = model.backbone(model.preprocess_image([image_input]).tensor)
-    category_logits, _ = model.ins_head(
-        instance_level_features([features[f] for f in model.instance_in_features])
-    )
+    category_logits = forward_to_heads(model, [image_input]).category_logits
     # Point NMS keeps the 2x2 local maxima; a common shift of all logits keeps the same ones.
     maxima = [
         level[F.max_pool2d(level, 2, stride=1, padding=1)[..., :-1, :-1] == level]
@@ -146,10 +150,7 @@ def calibrate_category_bias(model, image_input, target: int) -> float:
 @torch.no_grad()
 def count_candidates(model, inputs):
     """Cells x classes above SCORE_THR after point NMS, per image."""
-    features = model.backbone(model.preprocess_image(inputs).tensor)
-    category_logits, _ = model.ins_head(
-        instance_level_features([features[f] for f in model.instance_in_features])
-    )
+    category_logits = forward_to_heads(model, inputs).category_logits
     threshold = model.inference_params.score_threshold
     scores = torch.cat([point_nms(level.sigmoid()).flatten(1) for level in category_logits], 1)
     return (scores > threshold).sum(dim=1).tolist()
@@ -171,22 +172,11 @@ def build_models(config_file: str, device: str, candidates: int, image_input):
 
 # ----------------------------------------------------------------------------------- running
 def run_once(model, inputs, postprocess, context, device):
-    """SOLOv2.forward's inference path, stage by stage; returns (results, {stage: seconds})."""
+    """SOLOv2.forward's inference path, stage by stage (``common.staged_inference``) under
+    ``context``; returns (results, {stage: seconds})."""
     timer = StageTimer(device)
     with context():
-        images = model.preprocess_image(inputs)
-        timer.mark("preprocess")
-        features = model.backbone(images.tensor)
-        timer.mark("backbone+FPN")
-        category_logits, kernel_preds = model.ins_head(
-            instance_level_features([features[f] for f in model.instance_in_features])
-        )
-        mask_feature = model.mask_head([features[f] for f in model.mask_in_features])
-        timer.mark("heads")
-        results = model.inference(
-            category_logits, kernel_preds, mask_feature, images, inputs, postprocess=postprocess
-        )
-        timer.mark("postprocess")
+        results = staged_inference(model, inputs, postprocess, timer)
     return results, timer.times
 
 

@@ -10,11 +10,14 @@ ellipses / rectangles (``common.synthetic_scene``) as ground-truth instances of 
 
 Each step is split into
 
-- forward: preprocess, backbone+FPN, kernel/category head and mask-feature head;
-- target assignment: ``assign_targets_single_image`` for each image (timed inside
-  ``SOLOv2.losses`` through a wrapper, so the model's own code path runs);
-- loss: the rest of ``SOLOv2.losses``: positive kernels, their masks as one matmul, focal and
-  dice losses;
+- forward: preprocess, backbone+FPN, kernel/category head and mask-feature head
+  (``common.forward_to_heads``: the model's public pieces, as ``SOLOv2.forward`` calls them);
+- target assignment: ``assign_targets_single_image`` for each image, with the arguments
+  ``SOLOv2.losses`` gives it (the model's ``num_grids``, ``scale_ranges``, ``sigma``,
+  ``num_classes``), called on its own right after each step, so that the step runs the
+  model's code untouched;
+- loss: the rest of ``SOLOv2.losses`` (its time minus the target assignment's): positive
+  kernels, their masks as one matmul, focal and dice losses;
 - backward: ``sum(losses).backward()``;
 - optimizer: an SGD step (momentum 0.9, the config's weight decay, and the learning rate of the
   schedule's first iteration, BASE_LR x WARMUP_FACTOR: at the full rate a randomly initialized
@@ -23,7 +26,7 @@ Each step is split into
 The table gives the median of each stage and of the step totals over the timed steps, after
 warm-up steps.
 
-    .venv/bin/python benchmarks/training.py            # full run, ~2 min on 2 cores
+    .venv/bin/python benchmarks/training.py            # full run (minutes)
     .venv/bin/python benchmarks/training.py --quick    # smoke run
 """
 
@@ -43,6 +46,7 @@ from common import (  # noqa: E402
     add_malloc_option,
     apply_malloc_option,
     calibrate_frozen_batchnorm,
+    forward_to_heads,
     load_average,
     machine_header,
     markdown_table,
@@ -55,9 +59,8 @@ from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 
-import solov2_d2.modeling.solov2 as solov2_module  # noqa: E402
 from solov2_d2 import add_solov2_config  # noqa: E402
-from solov2_d2.modeling.kernel_head import instance_level_features  # noqa: E402
+from solov2_d2.modeling.target_assigner import assign_targets_single_image  # noqa: E402
 
 CONFIG = "configs/SOLOv2_R50_1x.yaml"
 STAGES = ("forward", "target assignment", "loss", "backward", "optimizer")
@@ -77,55 +80,49 @@ def training_inputs(height, width, batch, num_shapes, num_classes):
     return inputs
 
 
-class AssignmentTimer:
-    """Wraps ``solov2.assign_targets_single_image`` and adds up the time spent in it."""
-
-    def __init__(self, device):
-        self.device = device
-        self.seconds = 0.0
-        self.original = solov2_module.assign_targets_single_image
-
-    def __call__(self, *args, **kwargs):
-        synchronize(self.device)
-        start = time.perf_counter()
-        result = self.original(*args, **kwargs)
-        synchronize(self.device)
-        self.seconds += time.perf_counter() - start
-        return result
-
-    def __enter__(self):
-        solov2_module.assign_targets_single_image = self
-        return self
-
-    def __exit__(self, *exc):
-        solov2_module.assign_targets_single_image = self.original
-        return False
+def assignment_seconds(model, gt_instances, padded_size, device) -> float:
+    """Time of ``assign_targets_single_image`` for every image, with the arguments that
+    ``SOLOv2.losses`` passes (the benchmark's ground truth is BitMasks already)."""
+    synchronize(device)
+    start = time.perf_counter()
+    for instances in gt_instances:
+        assign_targets_single_image(
+            instances.gt_masks.tensor,
+            instances.gt_boxes.tensor,
+            instances.gt_classes,
+            padded_size,
+            model.num_grids,
+            model.scale_ranges,
+            model.sigma,
+            model.num_classes,
+        )
+    synchronize(device)
+    return time.perf_counter() - start
 
 
 def train_step(model, optimizer, inputs, device):
     """SOLOv2.forward's training path, stage by stage; returns (losses, {stage: seconds})."""
     timer = StageTimer(device)
-    images = model.preprocess_image(inputs)
-    features = model.backbone(images.tensor)
-    category_logits, kernel_preds = model.ins_head(
-        instance_level_features([features[f] for f in model.instance_in_features])
-    )
-    mask_feature = model.mask_head([features[f] for f in model.mask_in_features])
-    timer.mark("forward")
+    heads = forward_to_heads(model, inputs, timer)
+    forward = sum(timer.times.values())
     gt_instances = [x["instances"].to(device) for x in inputs]
-    with AssignmentTimer(device) as assignment:
-        losses = model.losses(category_logits, kernel_preds, mask_feature, gt_instances, images)
+    losses = model.losses(
+        heads.category_logits, heads.kernel_preds, heads.mask_feature, gt_instances, heads.images
+    )
     timer.mark("loss")
-    timer.times["loss"] -= assignment.seconds
-    timer.times["target assignment"] = assignment.seconds
     total = sum(losses.values())
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     timer.mark("backward")
     optimizer.step()
     timer.mark("optimizer")
-    times = {stage: timer.times[stage] for stage in STAGES}
-    return {k: float(v) for k, v in losses.items()}, times
+    assignment = assignment_seconds(
+        model, gt_instances, tuple(heads.images.tensor.shape[-2:]), device
+    )
+    times = dict(timer.times, forward=forward)
+    times["target assignment"] = assignment
+    times["loss"] -= assignment  # SOLOv2.losses ran the assignment too
+    return {k: float(v) for k, v in losses.items()}, {stage: times[stage] for stage in STAGES}
 
 
 def main():
