@@ -9,7 +9,7 @@ forward call is split into preprocess (normalize + pad), backbone+FPN, heads (ke
 head and mask-feature head) and postprocess (everything after the heads up to the final
 image-size binary masks and boxes); the table gives, per image, the median of each stage and of
 the totals over the timed runs, after a warm-up run (the first runs of a process create oneDNN
-primitives and are several times slower).
+primitives and are slower).
 
 Three forms of the same weights run in the same process, their timed runs interleaved:
 
