@@ -27,12 +27,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import RESULTS_DIR, machine_header, markdown_table, write_report  # noqa: E402
 
-from solov2_d2.modeling import native  # noqa: E402
-from solov2_d2.modeling.matrix_nms import mask_nms, matrix_nms, matrix_nms_dense  # noqa: E402
-
-# The name under which matrix_nms.py registers its kernel's self-check with ``native.checked``;
-# ``native.checked_status`` then says which intersections it uses.
-INTERSECTION_KERNEL = "Matrix NMS intersections"
+from solov2_d2.modeling.matrix_nms import (  # noqa: E402
+    mask_nms,
+    matrix_nms,
+    matrix_nms_dense,
+    native_status,
+)
 
 
 def make_candidates(n, height, width, num_classes, seed):
@@ -234,7 +234,7 @@ def main():
     start = cpu_seconds(), time.process_time()
     rows = run(sizes, args.height, args.width, args.classes, repeats, warmup, args.seed)
     # Decided on matrix_nms's first call, so known only now.
-    path = native.checked_status(INTERSECTION_KERNEL) or f"unknown ({native.status()})"
+    path = native_status()
     header += f"; matrix_nms intersections: {path}"
     print(f"matrix_nms intersections: {path}")
     load_line = f"CPU time used by other processes during the run: {others_load(*start)}"

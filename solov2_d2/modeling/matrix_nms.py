@@ -34,7 +34,7 @@ from torch import Tensor
 
 from . import native
 
-__all__ = ["matrix_nms", "matrix_nms_dense", "mask_nms"]
+__all__ = ["matrix_nms", "matrix_nms_dense", "mask_nms", "native_status"]
 
 _KERNELS = ("gaussian", "linear")
 
@@ -213,6 +213,12 @@ def _same_class_intersections(masks, labels, need_areas):
 
 
 _KERNEL_NAME = "Matrix NMS intersections"
+
+
+def native_status() -> str:
+    """Which intersections the CPU path uses and why (runs the self-check if not yet run)."""
+    native.checked(_KERNEL_NAME, _intersection_self_check)
+    return native.checked_status(_KERNEL_NAME)
 
 
 def _intersection_check_cases():
