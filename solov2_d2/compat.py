@@ -6,6 +6,7 @@ Everything else in solov2_d2 uses APIs present in both.
 import contextlib
 import copy
 import functools
+import importlib.machinery
 import io
 import logging
 
@@ -26,13 +27,20 @@ logger = logging.getLogger(__name__)
 
 @functools.lru_cache(maxsize=None)
 def detectron2_install_path() -> str:
-    """ "compiled" for a build with its C++/CUDA ops, "sdist" for tools/install_detectron2.py's
-    v0.6 build whose ``detectron2._C`` is a stand-in, "missing" if there is no ``_C`` at all."""
+    """ "compiled" for a build whose ``detectron2._C`` is a compiled extension that loads,
+    "sdist" for tools/install_detectron2.py's v0.6 build whose ``_C`` is a stand-in, "missing"
+    if there is no loadable ``_C`` (none at all, or one that fails to load, e.g. built against
+    another torch)."""
     try:
         from detectron2 import _C
     except ImportError:
         return "missing"
-    return getattr(_C, "INSTALL_PATH", "compiled")
+    if getattr(_C, "INSTALL_PATH", None) == "sdist":
+        return "sdist"
+    extension = str(getattr(_C, "__file__", "")).endswith(
+        tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    )
+    return "compiled" if extension else "missing"
 
 
 def has_compiled_ops() -> bool:
