@@ -224,8 +224,12 @@ def test_amp_trainer_steps_under_cpu_autocast_give_finite_losses(
     def cpu_autocast_run_step(self):
         with monkeypatch.context() as patch:
             patch.setattr(torch.cuda, "is_available", lambda: True)
+            # Detectron2 main passes dtype=SOLVER.AMP.PRECISION (float16), v0.6 nothing; the CPU
+            # run takes bfloat16 either way.
             patch.setattr(
-                torch.cuda.amp, "autocast", lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+                torch.cuda.amp,
+                "autocast",
+                lambda *args, **kwargs: torch.autocast("cpu", dtype=torch.bfloat16),
             )
             amp_run_step(self)
 
