@@ -30,7 +30,6 @@ Two implementations of the definition:
   case in this process (``native.checked``); ``native_status()`` tells what is in use.
 """
 
-import logging
 from typing import Tuple
 
 import torch
@@ -44,8 +43,6 @@ __all__ = [
     "boxes_from_flags",
     "native_status",
 ]
-
-logger = logging.getLogger(__name__)
 
 MASK_FEATURE_STRIDE = 4
 # Largest distance of a final-mask value from the exact (real-number) bilinear value of the same
