@@ -11,7 +11,7 @@ the official/AdelaiDet implementation so its checkpoints load unchanged.
 """
 
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -61,10 +61,31 @@ def instance_level_features(
     return resized
 
 
-def _conv_tower(in_channels: int, channels: int, num_convs: int, norm: str) -> nn.Sequential:
+# MODEL.SOLOV2.DCN_INSTANCE_CONVS: which tower convs are deformable when USE_DCN_IN_INSTANCE is on.
+# "all": the official SOLOv2Head (use_dcn_in_tower) and mmdet's SOLOV2Head with
+# dcn_apply_to_all_conv=True (R101/X101-DCN); "last": the official SOLOv2LightHead and mmdet's
+# dcn_apply_to_all_conv=False (Light R50-DCN).
+DCN_INSTANCE_CONVS = ("all", "last")
+
+
+def _conv_tower(
+    in_channels: int,
+    channels: int,
+    num_convs: int,
+    norm: str,
+    type_dcn: Optional[str],
+    dcn_convs: str,
+) -> nn.Sequential:
     layers = []
     for i in range(num_convs):
-        layers += conv_norm_relu(in_channels if i == 0 else channels, channels, 3, norm)
+        deformable = type_dcn is not None and (dcn_convs == "all" or i == num_convs - 1)
+        layers += conv_norm_relu(
+            in_channels if i == 0 else channels,
+            channels,
+            3,
+            norm,
+            type_dcn=type_dcn if deformable else None,
+        )
     return nn.Sequential(*layers)
 
 
@@ -91,6 +112,8 @@ class SOLOv2KernelHead(nn.Module):
         norm: str = "GN",
         use_coord_conv: bool = True,
         prior_prob: float = 0.01,
+        type_dcn: Optional[str] = None,
+        dcn_convs: str = "all",
     ):
         """
         Args:
@@ -106,10 +129,19 @@ class SOLOv2KernelHead(nn.Module):
             norm: "GN" or "" (no normalization, convs get biases).
             use_coord_conv: append normalized coordinates to the kernel branch input.
             prior_prob: initial foreground probability of the category branch (focal loss init).
+            type_dcn: None (plain convs), or "DCN" / "DCNv2" for deformable v1 / v2 tower convs.
+            dcn_convs: with ``type_dcn``, which convs of both towers are deformable: "all" or
+                "last" (``DCN_INSTANCE_CONVS``).
         """
         super().__init__()
         if norm not in ("GN", ""):
             raise ValueError("MODEL.SOLOV2.NORM must be 'GN' or 'none', got {!r}".format(norm))
+        if dcn_convs not in DCN_INSTANCE_CONVS:
+            raise ValueError(
+                "MODEL.SOLOV2.DCN_INSTANCE_CONVS must be 'all' or 'last', got {!r}".format(
+                    dcn_convs
+                )
+            )
         self.in_features = list(input_shape)
         self.in_strides = [input_shape[name].stride for name in self.in_features]
         self.instance_strides = list(instance_strides)
@@ -135,8 +167,8 @@ class SOLOv2KernelHead(nn.Module):
         (in_channels,) = level_channels
         self.use_coord_conv = use_coord_conv
         kernel_in = in_channels + 2 if use_coord_conv else in_channels
-        self.cate_tower = _conv_tower(in_channels, channels, num_convs, norm)
-        self.kernel_tower = _conv_tower(kernel_in, channels, num_convs, norm)
+        self.cate_tower = _conv_tower(in_channels, channels, num_convs, norm, type_dcn, dcn_convs)
+        self.kernel_tower = _conv_tower(kernel_in, channels, num_convs, norm, type_dcn, dcn_convs)
         self.cate_pred = nn.Conv2d(channels, num_classes, 3, padding=1)
         self.kernel_pred = nn.Conv2d(channels, num_kernels, 3, padding=1)
 
@@ -162,6 +194,8 @@ class SOLOv2KernelHead(nn.Module):
             "norm": "" if sol.NORM.lower() == "none" else sol.NORM,
             "use_coord_conv": sol.USE_COORD_CONV,
             "prior_prob": sol.PRIOR_PROB,
+            "type_dcn": sol.TYPE_DCN if sol.USE_DCN_IN_INSTANCE else None,
+            "dcn_convs": sol.DCN_INSTANCE_CONVS,
         }
 
     def instance_features(self, features: Dict[str, torch.Tensor]) -> List[torch.Tensor]:

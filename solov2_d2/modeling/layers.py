@@ -1,11 +1,13 @@
 """Small building blocks shared by both SOLOv2 heads: coordinate channels, conv blocks, and the
 checks of the backbone features a head is built for."""
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from detectron2.layers import ShapeSpec
 from torch import nn
+
+from .deform import DeformConv, DeformConvPack, is_modulated
 
 
 def append_coordinates(features: torch.Tensor) -> torch.Tensor:
@@ -23,13 +25,31 @@ def append_coordinates(features: torch.Tensor) -> torch.Tensor:
 
 
 def conv_norm_relu(
-    in_channels: int, out_channels: int, kernel_size: int, norm: str
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    norm: str,
+    type_dcn: Optional[str] = None,
 ) -> List[nn.Module]:
     """[conv, GroupNorm(32) if norm == "GN", ReLU]: the heads' basic block. A list, so that towers
-    can be flat ``nn.Sequential``s whose indices match the official checkpoints' key names."""
-    layers = [
-        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=not norm)
-    ]
+    can be flat ``nn.Sequential``s whose indices match the official checkpoints' key names.
+
+    ``type_dcn`` ("DCN" or "DCNv2", ``MODEL.SOLOV2.TYPE_DCN``) makes the conv deformable
+    (``DeformConvPack``, v1 or v2) at the same index, as mmdet's and the official SOLO's
+    ``ConvModule`` with a DCN ``conv_cfg``: its keys are the conv's plus ``conv_offset.*``."""
+    padding = kernel_size // 2
+    if type_dcn is None:
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=not norm)
+    else:
+        conv = DeformConvPack(
+            in_channels,
+            out_channels,
+            kernel_size,
+            padding=padding,
+            bias=not norm,
+            modulated=is_modulated(type_dcn),
+        )
+    layers = [conv]
     if norm == "GN":
         layers.append(nn.GroupNorm(32, out_channels))
     layers.append(nn.ReLU(inplace=True))
@@ -37,9 +57,12 @@ def conv_norm_relu(
 
 
 def init_conv_weights(module: nn.Module) -> None:
-    """The official heads' init: every conv weight ~ N(0, 0.01), biases 0."""
+    """The official heads' init: every conv weight ~ N(0, 0.01), biases 0. The offset convs of
+    deformable convs keep their zero init (mmcv's, Detectron2's and the official SOLO's): a fresh
+    deformable conv samples the regular grid."""
+    offset_convs = {id(m.conv_offset) for m in module.modules() if isinstance(m, DeformConvPack)}
     for conv in module.modules():
-        if isinstance(conv, nn.Conv2d):
+        if isinstance(conv, (nn.Conv2d, DeformConv)) and id(conv) not in offset_convs:
             nn.init.normal_(conv.weight, std=0.01)
             if conv.bias is not None:
                 nn.init.constant_(conv.bias, 0)

@@ -9,7 +9,7 @@ Module names (``convs_all_levels.<level>.conv<j>``, ``conv_pred``) match the off
 implementation so its checkpoints load unchanged.
 """
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from detectron2.config import configurable
@@ -25,8 +25,8 @@ from .layers import (
 )
 
 
-def _conv_norm_relu(in_channels, out_channels, kernel_size, norm):
-    return nn.Sequential(*conv_norm_relu(in_channels, out_channels, kernel_size, norm))
+def _conv_norm_relu(in_channels, out_channels, kernel_size, norm, type_dcn):
+    return nn.Sequential(*conv_norm_relu(in_channels, out_channels, kernel_size, norm, type_dcn))
 
 
 class SOLOv2MaskFeatureHead(nn.Module):
@@ -38,6 +38,7 @@ class SOLOv2MaskFeatureHead(nn.Module):
         channels: int,
         num_masks: int,
         norm: str = "GN",
+        type_dcn: Optional[str] = None,
     ):
         """
         Args:
@@ -48,6 +49,10 @@ class SOLOv2MaskFeatureHead(nn.Module):
             channels: channels of the per-level branches.
             num_masks: E, the channels of the mask feature F.
             norm: "GN" or "" (no normalization).
+            type_dcn: None (plain convs), or "DCN" / "DCNv2": every conv deformable (v1 / v2),
+                the 1x1 ``conv_pred`` included, as mmdet's MaskFeatModule with a DCN
+                ``conv_cfg`` (R101/X101-DCN) and the official SOLOv2 R101/X101-DCN
+                MaskFeatHead.
         """
         super().__init__()
         if norm not in ("GN", ""):
@@ -74,7 +79,7 @@ class SOLOv2MaskFeatureHead(nn.Module):
             for j in range(max(level, 1)):
                 branch.add_module(
                     "conv{}".format(j),
-                    _conv_norm_relu(level_in if j == 0 else channels, channels, 3, norm),
+                    _conv_norm_relu(level_in if j == 0 else channels, channels, 3, norm, type_dcn),
                 )
                 if level > 0:
                     branch.add_module(
@@ -82,7 +87,7 @@ class SOLOv2MaskFeatureHead(nn.Module):
                         nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
                     )
             self.convs_all_levels.append(branch)
-        self.conv_pred = _conv_norm_relu(channels, num_masks, 1, norm)
+        self.conv_pred = _conv_norm_relu(channels, num_masks, 1, norm, type_dcn)
 
         init_conv_weights(self)
 
@@ -96,6 +101,7 @@ class SOLOv2MaskFeatureHead(nn.Module):
             "channels": sol.MASK_CHANNELS,
             "num_masks": sol.NUM_MASKS,
             "norm": "" if sol.NORM.lower() == "none" else sol.NORM,
+            "type_dcn": sol.TYPE_DCN if sol.USE_DCN_IN_MASK_FEATURE else None,
         }
 
     def forward(self, features: Dict[str, torch.Tensor]) -> torch.Tensor:
