@@ -118,7 +118,6 @@ def test_adelaidet_style_yaml_loads(tmp_path):
 @pytest.mark.parametrize(
     "key, value, error, words",
     [
-        ("USE_DCN_IN_INSTANCE", True, NotImplementedError, "USE_DCN_IN_INSTANCE"),
         ("NMS_TYPE", "soft", ValueError, "NMS_TYPE"),
         ("NMS_KERNEL", "cosine", ValueError, "NMS_KERNEL"),
         ("NUM_KERNELS", 32, ValueError, "NUM_KERNELS"),
