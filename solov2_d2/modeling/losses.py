@@ -4,12 +4,22 @@ L_cate is the sigmoid focal loss (RetinaNet, Lin et al. 2017) over every grid ce
 L_mask is the dice loss (SOLO Sec. 3.3.2) between the predicted and target masks of the positive
 (instance, cell) pairs. Normalizations follow the official implementation: the focal sum is divided
 by (number of positive cells + 1), the dice loss is averaged over the positive pairs.
+
+With several processes (DistributedDataParallel, which averages the gradients of the processes),
+the official code counts the positives of each process's own images. Here, by default, the counts
+are summed over all processes and each process's loss is ``world_size * its sum / global count``:
+the averaged gradient is then the one of a single process training on all the images (and the
+logged loss, which Detectron2 averages over processes, its loss).
+``normalize_across_processes=False`` (config ``MODEL.SOLOV2.LOSS.NORM_ACROSS_PROCESSES False``)
+gives the official per-process normalization.
 """
 
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from detectron2.utils import comm
 from fvcore.nn import sigmoid_focal_loss as _fvcore_sigmoid_focal_loss
 from torch import Tensor
 
@@ -56,6 +66,17 @@ def dice_loss(mask_probs: Tensor, mask_targets: Tensor, eps: float = 1e-3) -> Te
     return 1 - 2 * overlap / (prob_energy + target_energy)
 
 
+def _counts_over_processes(counts: Tensor, across_processes: bool) -> Tuple[Tensor, int]:
+    """(``counts`` summed over all processes, number of processes), or (``counts``, 1) for the
+    per-process normalization or a single process. One all_reduce of a few integers."""
+    world_size = comm.get_world_size()
+    if not across_processes or world_size == 1:
+        return counts, 1
+    counts = counts.clone()
+    dist.all_reduce(counts)
+    return counts, world_size
+
+
 def solov2_losses(
     category_logits: Tensor,
     category_targets: Tensor,
@@ -66,6 +87,7 @@ def solov2_losses(
     focal_gamma: float,
     focal_weight: float,
     dice_weight: float,
+    normalize_across_processes: bool = True,
 ) -> Dict[str, Tensor]:
     """The two SOLOv2 loss terms, already weighted.
 
@@ -76,10 +98,14 @@ def solov2_losses(
         mask_targets: (P, Hm, Wm) 0/1 targets of those pairs.
         num_classes, focal_alpha, focal_gamma: focal loss setup.
         focal_weight, dice_weight: weights of the category and mask terms (lambda = dice_weight).
+        normalize_across_processes: count the positive cells and pairs over all processes (see
+            the module docstring); no effect in a single process. Every process must call this
+            together then (it all-reduces the counts).
 
     Returns:
         {"loss_cate": focal_weight * sum(focal) / (num_positive_cells + 1),
          "loss_mask": dice_weight * mean over pairs of dice(sigmoid(mask_logits), mask_targets)},
+        with the counts and the scaling of the module docstring under several processes,
         computed in float32 for float16/bfloat16 inputs (``loss_mask`` in float64 for float64
         mask logits; fvcore computes ``loss_cate`` in float32 always).
     """
@@ -110,18 +136,24 @@ def solov2_losses(
     # One extra column for background, then dropped: background cells get an all-zero target row.
     one_hot = F.one_hot(category_targets, num_classes + 1)[:, :num_classes]
     focal = sigmoid_focal_loss(category_logits, one_hot, alpha=focal_alpha, gamma=focal_gamma)
-    num_positive_cells = (category_targets != num_classes).sum()
-    # "+ 1" keeps images without any positive cell finite (official normalization).
-    loss_cate = focal_weight * focal.sum() / (num_positive_cells + 1).to(focal.dtype)
+    local_counts = torch.stack(
+        [(category_targets != num_classes).sum(), category_targets.new_tensor(mask_logits.shape[0])]
+    )
+    counts, world_size = _counts_over_processes(local_counts, normalize_across_processes)
+    num_positive_cells, num_pairs = counts
+    # "+ 1" keeps images without any positive cell finite (official normalization). DDP divides
+    # the summed gradients by world_size: the factor here undoes that.
+    loss_cate = world_size * focal_weight * focal.sum() / (num_positive_cells + 1).to(focal.dtype)
 
     # The sigmoid too runs in float32: float16 probabilities step by 2^-11 near 1 and every
     # logit above ~8.3 gives p = 1 exactly.
     mask_logits = _at_least_float32(mask_logits)
     if mask_logits.shape[0] == 0:
-        # No positive pair in the batch: a zero that still reaches mask_logits in the graph, so
-        # backward (and DDP's used-parameter bookkeeping) treats the mask branch as usual.
+        # No positive pair in this process's batch: a zero that still reaches mask_logits in the
+        # graph, so backward (and DDP's used-parameter bookkeeping) treats the mask branch as
+        # usual. (num_pairs > 0 here only when another process has pairs.)
         loss_mask = mask_logits.sum() * 0.0
     else:
         dice = dice_loss(torch.sigmoid(mask_logits), mask_targets)
-        loss_mask = dice_weight * dice.mean()
+        loss_mask = world_size * dice_weight * dice.sum() / num_pairs.to(dice.dtype)
     return {"loss_cate": loss_cate, "loss_mask": loss_mask}
