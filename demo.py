@@ -6,6 +6,8 @@
 
 --input takes files, folders and glob patterns. Unreadable files are reported and skipped.
 --fast runs the model through optimize_for_inference (about 1.2x faster on a CPU).
+MODEL.WEIGHTS may be ours, AdelaiDet's, an mmdetection or official SOLO SOLOv2 checkpoint, or a
+published name such as mmdet://solov2_r50_fpn_1x_coco (README, "Loading published weights").
 """
 
 import argparse
@@ -17,11 +19,11 @@ import sys
 from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
-from detectron2.engine import DefaultPredictor
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from solov2_d2 import add_solov2_config
+from solov2_d2.checkpoint.predictor import SOLOv2Predictor
 from solov2_d2.engine.memory import retain_freed_memory
 from solov2_d2.modeling.fast import optimize_for_inference
 
@@ -115,7 +117,7 @@ def main(argv=None):
     retain_freed_memory()  # solov2_d2/engine/memory.py: no page faults for large tensors
     cfg = setup_cfg(args)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
-    predictor = DefaultPredictor(cfg)
+    predictor = SOLOv2Predictor(cfg)  # MODEL.WEIGHTS may be an mmdetection / SOLO checkpoint
     if args.fast:
         optimize_for_inference(predictor.model)
 
