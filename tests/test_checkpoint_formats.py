@@ -663,3 +663,19 @@ def _assert_light_loaded_but_classes(model, state):
     assert torch.equal(up.res3[0].conv1.weight, state["backbone.layer2.0.conv1.weight"])
     assert torch.equal(model.ins_head.kernel_pred.weight, state["mask_head.conv_kernel.weight"])
     assert model.ins_head.cate_pred.weight.shape[0] == 6
+
+
+def test_demo_predictor_loads_an_mmdet_file(light_r18):
+    """demo.py's SOLOv2Predictor: DefaultPredictor with MODEL.WEIGHTS an mmdetection file."""
+    import numpy as np
+
+    from solov2_d2.checkpoint.predictor import SOLOv2Predictor
+
+    path, state, config = light_r18
+    cfg = _cfg(config, "MODEL.WEIGHTS", path, "INPUT.MIN_SIZE_TEST", "64")
+    cfg.freeze()
+    predictor = SOLOv2Predictor(cfg)
+    _assert_light_loaded(predictor.model, state)
+    assert predictor.cfg.MODEL.WEIGHTS == path
+    outputs = predictor(np.zeros((64, 80, 3), dtype=np.uint8))
+    assert outputs["instances"].image_size == (64, 80)
