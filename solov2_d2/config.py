@@ -34,10 +34,15 @@ def add_solov2_config(cfg):
     _C.MODEL.SOLOV2.INSTANCE_CHANNELS = 512
     # Number of 3x3 conv + norm + ReLU blocks in each tower.
     _C.MODEL.SOLOV2.NUM_INSTANCE_CONVS = 4
-    # Deformable convs in the towers (not implemented: True raises an error).
+    # Deformable convs in the category and kernel towers (the convs DCN_INSTANCE_CONVS names).
     _C.MODEL.SOLOV2.USE_DCN_IN_INSTANCE = False
-    # Kind of deformable conv, read only when USE_DCN_IN_INSTANCE is True.
+    # Kind of the heads' deformable convs: "DCN" (v1) or "DCNv2" (modulated); read only when
+    # USE_DCN_IN_INSTANCE or USE_DCN_IN_MASK_FEATURE is True.
     _C.MODEL.SOLOV2.TYPE_DCN = "DCN"
+    # (solov2_d2) Which convs of both towers are deformable: "all" (the official SOLOv2Head, mmdet
+    # R101/X101-DCN) or "last" (the official and mmdet Light-DCN heads). AdelaiDet reads
+    # USE_DCN_IN_INSTANCE but builds plain convs.
+    _C.MODEL.SOLOV2.DCN_INSTANCE_CONVS = "all"
     # S: the S x S grid of each instance level (read by the kernel head only).
     _C.MODEL.SOLOV2.NUM_GRIDS = [40, 36, 24, 16, 12]
     # Number of object categories (the category branch's outputs).
@@ -61,6 +66,9 @@ def add_solov2_config(cfg):
     _C.MODEL.SOLOV2.MASK_CHANNELS = 128
     # Channels E of the mask feature F (the dynamic kernels' input width).
     _C.MODEL.SOLOV2.NUM_MASKS = 256
+    # (solov2_d2) Every conv of the mask feature head deformable, the 1x1 conv_pred included
+    # (TYPE_DCN), as the official and mmdet R101/X101-DCN models.
+    _C.MODEL.SOLOV2.USE_DCN_IN_MASK_FEATURE = False
 
     # ---- Inference ----
     # Candidates kept (by maskness-rescored score) before NMS.
@@ -94,6 +102,9 @@ def add_solov2_config(cfg):
     _C.MODEL.SOLOV2.LOSS.FOCAL_WEIGHT = 1.0
     # Weight of the dice mask loss (lambda in paper Eq. 1).
     _C.MODEL.SOLOV2.LOSS.DICE_WEIGHT = 3.0
+    # (solov2_d2) Count positives over all processes so N processes train as one process of the
+    # whole batch; False: per process, as the official code (solov2_d2/modeling/losses.py).
+    _C.MODEL.SOLOV2.LOSS.NORM_ACROSS_PROCESSES = True
 
     # ---- Solver (solov2_d2) ----
     if "OPTIMIZER" not in _C.SOLVER:

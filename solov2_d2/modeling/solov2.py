@@ -10,6 +10,8 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import BitMasks, ImageList, Instances, PolygonMasks
 from torch import nn
 
+from .backbone import DETECTRON2_RESNET_BUILDERS
+from .deform import is_modulated
 from .kernel_head import SOLOv2KernelHead
 from .losses import solov2_losses
 from .mask_feature_head import SOLOv2MaskFeatureHead
@@ -23,10 +25,19 @@ def _check_config(cfg):
     """Options that exist in the config (for AdelaiDet compatibility) but are not implemented
     here fail loudly instead of being silently ignored."""
     sol = cfg.MODEL.SOLOV2
-    if sol.USE_DCN_IN_INSTANCE:
-        raise NotImplementedError(
-            "MODEL.SOLOV2.USE_DCN_IN_INSTANCE=True (deformable convs in the kernel head) is not "
-            "implemented in solov2_d2; set it to False."
+    if sol.USE_DCN_IN_INSTANCE or sol.USE_DCN_IN_MASK_FEATURE:
+        is_modulated(sol.TYPE_DCN)  # an unknown TYPE_DCN fails here, naming the key
+    if any(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE) and (
+        cfg.MODEL.BACKBONE.NAME in DETECTRON2_RESNET_BUILDERS
+    ):
+        raise ValueError(
+            "MODEL.RESNETS.DEFORM_ON_PER_STAGE asks for deformable convs, which Detectron2's {} "
+            "builds on its compiled CUDA ops (no CPU kernel). Set MODEL.BACKBONE.NAME to "
+            "build_solov2_resnet_fpn_backbone: Detectron2's build_resnet_fpn_backbone (same "
+            "modules, keys and config) with its deformable convs on "
+            "torchvision.ops.deform_conv2d (CPU and GPU).".format(
+                cfg.MODEL.BACKBONE.NAME
+            )
         )
     if not sol.LOSS.FOCAL_USE_SIGMOID:
         raise NotImplementedError("MODEL.SOLOV2.LOSS.FOCAL_USE_SIGMOID=False is not implemented.")
@@ -61,6 +72,7 @@ class SOLOv2(nn.Module):
         focal_gamma: float,
         focal_weight: float,
         dice_weight: float,
+        normalize_across_processes: bool,
         inference_params: InferenceParams,
         pixel_mean: List[float],
         pixel_std: List[float],
@@ -103,6 +115,7 @@ class SOLOv2(nn.Module):
         self.focal_gamma = focal_gamma
         self.focal_weight = focal_weight
         self.dice_weight = dice_weight
+        self.normalize_across_processes = normalize_across_processes
         self.inference_params = inference_params
         # Non-persistent: they are config, not weights (and official checkpoints lack them).
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
@@ -135,6 +148,7 @@ class SOLOv2(nn.Module):
             "focal_gamma": sol.LOSS.FOCAL_GAMMA,
             "focal_weight": sol.LOSS.FOCAL_WEIGHT,
             "dice_weight": sol.LOSS.DICE_WEIGHT,
+            "normalize_across_processes": sol.LOSS.NORM_ACROSS_PROCESSES,
             "inference_params": InferenceParams(
                 score_threshold=sol.SCORE_THR,
                 mask_threshold=sol.MASK_THR,
@@ -238,6 +252,7 @@ class SOLOv2(nn.Module):
             focal_gamma=self.focal_gamma,
             focal_weight=self.focal_weight,
             dice_weight=self.dice_weight,
+            normalize_across_processes=self.normalize_across_processes,
         )
 
     # ----------------------------------------------------------------------------- inference
