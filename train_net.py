@@ -2,20 +2,25 @@
 """Train and evaluate SOLOv2 with Detectron2's standard trainer flow.
 
 python train_net.py --config-file configs/SOLOv2_R50_1x.yaml --num-gpus 8
+python train_net.py --config-file configs/SOLOv2_R50_1x.yaml --num-gpus 8 --num-machines 2 \
+    --machine-rank 0 --dist-url tcp://HOST:PORT  (and --machine-rank 1 on the other machine)
 python train_net.py --config-file configs/SOLOv2_R50_1x.yaml --eval-only MODEL.WEIGHTS model.pth
+
+MODEL.WEIGHTS may also be an mmdetection or official SOLO SOLOv2 checkpoint, or a published name
+such as mmdet://solov2_r50_fpn_1x_coco (README, "Loading published weights").
 """
 
 import os
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import build_detection_test_loader
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup
 from detectron2.evaluation import DatasetEvaluators, verify_results
 from detectron2.utils import comm
 
 from solov2_d2 import add_solov2_config
-from solov2_d2.compat import build_coco_evaluator
+from solov2_d2.checkpoint import SOLOv2Checkpointer
+from solov2_d2.compat import build_coco_evaluator, launch
 from solov2_d2.data import SOLOv2DatasetMapper
 from solov2_d2.data.checks import get_dataset_dicts
 from solov2_d2.engine import SOLOv2TrainerMixin, build_optimizer, build_resumable_train_loader
@@ -57,11 +62,16 @@ class Trainer(SOLOv2TrainerMixin, DefaultTrainer):
         )
 
 
-def setup(args):
+def _merged_config(args):
     cfg = get_cfg()
     add_solov2_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    return cfg
+
+
+def setup(args):
+    cfg = _merged_config(args)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
@@ -74,7 +84,8 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        # MODEL.WEIGHTS: ours, AdelaiDet's, mmdetection's or official SOLO's (converted in memory).
+        SOLOv2Checkpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         results = Trainer.test(cfg, model)
@@ -87,14 +98,23 @@ def main(args):
     return trainer.train()
 
 
-if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
-    print("Command Line Args:", args)
+def launch_main(args, main_func=main):
+    """``main_func(args)`` in ``args.num_gpus`` processes per machine (``--num-machines``,
+    ``--machine-rank``, ``--dist-url``): NCCL on GPUs, gloo on CPUs (MODEL.DEVICE cpu, or no
+    CUDA), through ``solov2_d2.compat.launch``."""
+    cpu = _merged_config(args).MODEL.DEVICE == "cpu"
     launch(
-        main,
+        main_func,
         args.num_gpus,
         num_machines=args.num_machines,
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
         args=(args,),
+        backend="gloo" if cpu else None,
     )
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch_main(args)

@@ -5,17 +5,58 @@ import math
 from typing import Dict, List, Optional
 
 import torch
+import torch.distributed as dist
+from detectron2.utils import comm
 
-from ..compat import default_trainer_checkpoints_optimizer, restart_data_loader_iterator
+from ..checkpoint import SOLOv2Checkpointer
+from ..compat import (
+    ddp_for_cpu_models,
+    default_trainer_checkpoints_optimizer,
+    restart_data_loader_iterator,
+)
 
 __all__ = ["SOLOv2TrainerMixin", "non_finite_loss_error"]
 
 logger = logging.getLogger(__name__)
 
 
+class _NonFiniteOnRanks(FloatingPointError):
+    """Raised by ``_LossRecorder`` on every process when any process's loss is not finite."""
+
+    def __init__(self, bad_terms: Dict[int, List[str]]):
+        super().__init__(f"non-finite loss terms by rank: {bad_terms}")
+        self.bad_terms = bad_terms
+
+
+def _non_finite_terms_by_rank(losses: Dict[str, torch.Tensor]) -> Dict[int, List[str]]:
+    """{rank: its non-finite loss terms} over all processes, from one all_reduce of a flag per
+    (rank, term). Every process must call it with the same loss names."""
+    names = sorted(losses)
+    device = next(iter(losses.values())).device if losses else torch.device("cpu")
+    if dist.get_backend() == dist.Backend.GLOO:
+        device = torch.device("cpu")
+    flags = torch.zeros(comm.get_world_size(), len(names), device=device)
+    if names:
+        flags[comm.get_rank()] = torch.stack(
+            [~torch.isfinite(losses[name]).all() for name in names]
+        ).to(flags)
+    dist.all_reduce(flags)
+    bad: Dict[int, List[str]] = {}
+    for rank, term in flags.nonzero().tolist():
+        bad.setdefault(rank, []).append(names[term])
+    return bad
+
+
 class _LossRecorder:
     """Forward hook keeping the last training loss dict and the files of its batch (detached, no
-    device sync), so that a non-finite loss can be explained. It holds no trainer reference."""
+    device sync), so that a non-finite loss can be explained. It holds no trainer reference.
+
+    With several processes it also checks, on every process, whether any process's loss is
+    non-finite, and raises ``_NonFiniteOnRanks`` everywhere before the backward pass: Detectron2
+    checks only on rank 0 (after the backward), so the other ranks would wait in the next
+    collective until the timeout. This costs one small all_reduce and a device sync, which
+    Detectron2's metrics already do every iteration.
+    """
 
     def __init__(self):
         self.clear()
@@ -31,12 +72,33 @@ class _LossRecorder:
         batch = args[0] if args else None
         if isinstance(batch, (list, tuple)):
             self.files = [str(x.get("file_name", "?")) for x in batch if isinstance(x, dict)]
+        if comm.get_world_size() > 1:
+            bad = _non_finite_terms_by_rank(self.losses)
+            if bad:
+                raise _NonFiniteOnRanks(bad)
 
 
 def non_finite_loss_error(
-    iteration: int, losses: Optional[Dict[str, torch.Tensor]], files: List[str], cause=None
+    iteration: int,
+    losses: Optional[Dict[str, torch.Tensor]],
+    files: List[str],
+    cause=None,
+    bad_terms_by_rank: Optional[Dict[int, List[str]]] = None,
 ) -> FloatingPointError:
-    """A FloatingPointError naming the iteration, the non-finite loss term(s) and the batch."""
+    """A FloatingPointError naming the iteration, the non-finite loss term(s) and the batch; with
+    ``bad_terms_by_rank`` (several processes) also the rank(s) whose loss is not finite."""
+    if bad_terms_by_rank:
+        rank = comm.get_rank()
+        where = "; ".join(
+            f"rank {r}: {', '.join(terms)}" for r, terms in sorted(bad_terms_by_rank.items())
+        )
+        if rank not in bad_terms_by_rank:
+            return FloatingPointError(
+                f"Non-finite loss at iteration {iteration} on another process ({where}); this "
+                f"process (rank {rank}) stops too. The non-finite rank's log has the values and "
+                "its batch."
+            )
+        iteration = f"{iteration} on rank {rank}"
     if not losses:
         return FloatingPointError(f"Non-finite loss at iteration {iteration}: {cause}")
     values = {name: float(value.float().sum()) for name, value in losses.items()}
@@ -75,13 +137,35 @@ class SOLOv2TrainerMixin:
       resumed run trains on the batches the interrupted one would have had;
     * a NaN/inf loss stops training with a ``FloatingPointError`` naming the iteration, the
       offending loss term(s) and the batch's files (instead of Detectron2's bare loss dict).
+    * with several processes, a NaN/inf loss on any of them stops all of them at that iteration,
+      each naming the rank(s) and term(s) (Detectron2 stops only rank 0, the others hang);
+    * ``MODEL.DEVICE cpu`` trains with several processes (gloo, see ``compat.launch``);
+    * MODEL.WEIGHTS may be an mmdetection / official SOLO SOLOv2 checkpoint or an ``mmdet://``
+      name (``SOLOv2Checkpointer``).
     """
 
     def __init__(self, cfg):
-        super().__init__(cfg)
+        with ddp_for_cpu_models():  # MODEL.DEVICE cpu with several processes
+            super().__init__(cfg)
+        self._use_solov2_checkpointer()
         self._loss_recorder = _LossRecorder()
         self.model.register_forward_hook(self._loss_recorder)
         self._loader_state = None
+
+    def _use_solov2_checkpointer(self):
+        """Replaces DefaultTrainer's ``DetectionCheckpointer`` by a ``SOLOv2Checkpointer`` with
+        the same model, folder and checkpointables (so MODEL.WEIGHTS may be an mmdetection or
+        official SOLO checkpoint, solov2_d2/checkpoint), in the hooks that hold it too. Saving
+        is Detectron2's unchanged."""
+        old = self.checkpointer
+        new = SOLOv2Checkpointer(
+            old.model, old.save_dir, save_to_disk=old.save_to_disk, **old.checkpointables
+        )
+        for hook in self._hooks:
+            for attribute in ("checkpointer", "_checkpointer"):
+                if getattr(hook, attribute, None) is old:
+                    setattr(hook, attribute, new)
+        self.checkpointer = new
 
     def run_step(self):
         self._loss_recorder.clear()
@@ -90,7 +174,11 @@ class SOLOv2TrainerMixin:
         except FloatingPointError as error:
             recorder = self._loss_recorder
             raise non_finite_loss_error(
-                self.iter, recorder.losses, recorder.files, error
+                self.iter,
+                recorder.losses,
+                recorder.files,
+                error,
+                getattr(error, "bad_terms", None),
             ) from error
 
     def state_dict(self):
