@@ -10,6 +10,19 @@ from torch import nn
 from .deform import DeformConv, DeformConvPack, is_modulated
 
 
+def arange_linspace(start: float, end: float, steps, *, device=None, dtype=None):
+    """``torch.linspace(start, end, steps)`` (``steps >= 2``) from ``arange``, so that an exported
+    graph keeps ``steps`` symbolic. The values of PyTorch's CPU kernel: a float32 step, the first
+    half counted from ``start``, the second from ``end``, each with one rounding (its fused
+    multiply-add), which float64 arithmetic rounded once to float32 reproduces."""
+    index = torch.arange(steps, device=device, dtype=torch.float64)
+    last = index[-1:]  # steps - 1, as a tensor: no symbolic float in the graph
+    step = ((end - start) / last.float()).double()  # float32 division, as the kernel's
+    from_start = start + step * index
+    from_end = end - step * (last - index)
+    return torch.where(index < steps // 2, from_start, from_end).to(dtype or torch.float32)
+
+
 def append_coordinates(features: torch.Tensor) -> torch.Tensor:
     """Appends x and y channels, each ``linspace(-1, 1)`` over the map, to an (N, C, H, W) tensor.
 
@@ -17,8 +30,11 @@ def append_coordinates(features: torch.Tensor) -> torch.Tensor:
     of a checkpoint depend on this order).
     """
     n, _, h, w = features.shape
-    y = torch.linspace(-1, 1, h, device=features.device, dtype=features.dtype)
-    x = torch.linspace(-1, 1, w, device=features.device, dtype=features.dtype)
+    # ``torch.export`` specializes ``linspace``'s step count to the traced size (a dynamic H/W
+    # fails its guards); ``arange_linspace`` traces symbolically. Eager keeps ``linspace``.
+    space = arange_linspace if torch.compiler.is_exporting() else torch.linspace
+    y = space(-1, 1, h, device=features.device, dtype=features.dtype)
+    x = space(-1, 1, w, device=features.device, dtype=features.dtype)
     grid_y, grid_x = torch.meshgrid(y, x, indexing="ij")
     coords = torch.stack([grid_x, grid_y]).unsqueeze(0).expand(n, -1, -1, -1)
     return torch.cat([features, coords], dim=1)
