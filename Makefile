@@ -39,7 +39,7 @@ $(STAMP): setup.cfg pyproject.toml setup.py tools/install_detectron2.py Makefile
 	$(PY) -c "import torch, torchvision.ops as o; o.nms(torch.zeros(0, 4), torch.zeros(0), 0.5)" \
 		2>/dev/null || $(PIP) install "torch>=2.14,<2.16" torchvision
 	$(PY) tools/install_detectron2.py
-	$(PIP) install --no-build-isolation -e ".[dev]"
+	$(PIP) install --no-build-isolation -e ".[dev,export]"
 	@# Builds the C++ kernels now (~40 s, cached per machine) rather than in the first
 	@# inference; without a compiler it reports the (bitwise equal) PyTorch fallback instead.
 	$(PY) -c "from solov2_d2.modeling.mask_upsample import native_status as s; print('final masks:', s())"
