@@ -104,9 +104,13 @@ def test_no_candidates():
     assert int(detections.num_valid) == 0
 
 
-def test_one_candidate():
+@pytest.mark.parametrize("feat", [(16, 20), (300, 300)])
+def test_one_candidate(feat):
+    # 300 x 300 pixels are above the 32768-element grain from which PyTorch splits a one-row
+    # reduction across threads: the eager maskness sum (one row) may then differ in its last
+    # bits from this code's (K1 rows, one per thread), within the score tolerance.
     params = InferenceParams()
-    scores, kernels, feature, strides, image_size, output_size = _problem(4, feat=(16, 20))
+    scores, kernels, feature, strides, image_size, output_size = _problem(4, feat=feat)
     scores = torch.zeros_like(scores)
     strides = torch.ones_like(strides)
     scores[5, 0] = 0.9
@@ -207,6 +211,20 @@ def test_overflow_flag():
     assert over.scores.shape == (params.max_per_image,)
 
 
+def test_model_layouts():
+    """The model passes transposed views (``category_scores[i].t()``, ``kernels[i].t()``); a
+    channels-last mask feature reaches the matmul as a transposed matrix in both paths."""
+    params = InferenceParams(nms_pre=50, max_per_image=30)
+    scores, kernels, feature, strides, image_size, output_size = _problem(21, feat=(18, 26))
+    scores = scores.t().contiguous().t()
+    kernels = kernels.t().contiguous().t()
+    assert not scores.is_contiguous() and not kernels.is_contiguous()
+    _compare((scores, kernels, feature, strides, image_size, output_size), params)
+    channels_last = feature[None].contiguous(memory_format=torch.channels_last)[0]
+    assert not channels_last.is_contiguous()
+    _compare((scores, kernels, channels_last, strides, image_size, output_size), params)
+
+
 def test_mask_nms_type_is_refused():
     scores, kernels, feature, strides = _problem(1)[:4]
     with pytest.raises(ValueError, match="MODEL.SOLOV2.NMS_TYPE"):
@@ -241,12 +259,21 @@ class _Wrapper(torch.nn.Module):
         )
 
 
-_EXPORT_PARAMS = InferenceParams(nms_pre=40, max_per_image=20)
+_EXPORT_PARAMS = {
+    kernel: InferenceParams(nms_pre=40, max_per_image=20, nms_kernel=kernel)
+    for kernel in ("gaussian", "linear")
+}
 _EXPORT_SIZES = [(16, 20), (24, 18), (33, 41)]
 
 
 def _export_inputs(feat, seed=11):
-    return _problem(seed, num_cells=50, num_classes=3, feat=feat, pass_rate=0.4)[:4]
+    """Random inputs with exact duplicates (cells 40-49 repeat cells 0-9): tied scores, and IoU 1
+    for the linear kernel's division by zero."""
+    scores, kernels, feature, strides = _problem(
+        seed, num_cells=50, num_classes=3, feat=feat, pass_rate=0.4
+    )[:4]
+    kernels[40:], scores[40:], strides[40:] = kernels[:10], scores[:10], strides[:10]
+    return scores, kernels, feature, strides
 
 
 def _exported_program(module):
@@ -256,8 +283,9 @@ def _exported_program(module):
     return torch.export.export(module, _export_inputs((16, 20)), dynamic_shapes=dynamic)
 
 
-def test_torch_export_matches_eager_at_several_sizes():
-    module = _Wrapper(_EXPORT_PARAMS, 60)
+@pytest.mark.parametrize("kernel", ["gaussian", "linear"])
+def test_torch_export_matches_eager_at_several_sizes(kernel):
+    module = _Wrapper(_EXPORT_PARAMS[kernel], 60).eval()
     program = _exported_program(module)
     for feat in _EXPORT_SIZES:
         inputs = _export_inputs(feat)
@@ -269,10 +297,12 @@ def test_torch_export_matches_eager_at_several_sizes():
             assert torch.equal(a, b)
 
 
-def test_onnx_runtime_matches_eager(tmp_path):
+@pytest.mark.parametrize("kernel", ["gaussian", "linear"])
+def test_onnx_runtime_matches_eager(tmp_path, kernel):
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
     pytest.importorskip("onnxscript", reason="onnxscript is not installed (torch.onnx dynamo)")
-    module = _Wrapper(_EXPORT_PARAMS, 60)
+    params = _EXPORT_PARAMS[kernel]
+    module = _Wrapper(params, 60).eval()
     path = tmp_path / "postprocess.onnx"
     feat_h = torch.export.Dim("feat_h", min=2, max=512)
     feat_w = torch.export.Dim("feat_w", min=2, max=512)
@@ -297,5 +327,5 @@ def test_onnx_runtime_matches_eager(tmp_path):
         assert int(got[3]) == int(expected[3]) and bool(got[4]) == bool(expected[4])
         assert torch.equal(got[1], expected[1])
         assert torch.allclose(got[0], expected[0], rtol=0, atol=1e-6)
-        threshold = _EXPORT_PARAMS.mask_threshold
+        threshold = params.mask_threshold
         assert torch.equal(got[2] > threshold, expected[2] > threshold)

@@ -17,11 +17,22 @@ detections with tensors whose shapes depend only on the input shapes and the par
    sort breaks ties by, followed by ``topk`` of the (distinct) ranks: the same order as
    ``sort(stable=True)``, which has no ONNX lowering, ties included;
 4. Matrix NMS is the dense formulation of ``matrix_nms_dense`` on the NMS_PRE best slots, with
-   the same operations in the same order; pairs with an invalid slot are masked out, so the
-   valid slots' decayed scores are the eager ones bit for bit. Intersections are float32 matmul
+   the same operations in the same order, so the valid slots' decayed scores are the eager ones
+   bit for bit: invalid slots rank below every valid one, so the upper triangle already keeps
+   them from decaying a valid slot, and pairs with an invalid slot are masked out as well, so
+   that this does not rest on the ranking. Intersections are float32 matmul
    sums of 0/1 values: every partial sum is an integer below the mask's pixel count, exact while
    that is below 2**24 (masks at feature resolution of under 16.7M pixels);
 5. the MAX_PER_IMG best survivors are gathered, zero-padded past ``num_valid``.
+
+Run by PyTorch, every step is the eager one's operation on the same values. The soft-mask
+matmul has K1 rows instead of the eager candidate count: BLAS does not promise equal rows for a
+different row count, though they were equal in every case the tests and benchmarks ran. One
+known exception: a maskness sum over more than 32768 pixels that the eager code reduces as a
+single row (one candidate, or the last row of one of its chunks) may be split across threads by
+PyTorch and differ in its last bits. Scores then differ by about 1e-7, and an order could change
+only between candidates whose scores are that close. Other runtimes (ONNX Runtime) round the
+matmuls and sums their own way: scores agree to about 1e-7, soft masks to about 1e-6.
 
 Masks leave at mask-feature resolution, soft: the final upsample, crop and resize to the
 requested size is per request and must be the eager model's bit for bit, so
@@ -52,7 +63,7 @@ __all__ = [
 # filter; the area filter and the maskness re-scoring pick them from every candidate above
 # SCORE_THR, so K1 must hold all of those, with room for the ones the area filter removes. Twice
 # NMS_PRE bounds the K1 x (Hf * Wf) soft masks and the K1 x K1 rank comparisons while leaving as
-# many slots for removed candidates as NMS NMS_PRE itself keeps.
+# many slots for removed candidates as NMS_PRE itself keeps.
 MAX_CANDIDATES_PER_NMS_PRE = 2
 
 
