@@ -307,7 +307,7 @@ def plot_histogram(scales: np.ndarray, scale_ranges, path: str, title: str = "")
     axis.set_xlim(low, high)
     axis.set_xlabel("object scale sqrt(w*h) after the resize (px)")
     axis.set_ylabel("objects")
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="upper right")
     if title:
         axis.set_title(title)
     figure.tight_layout()
