@@ -6,6 +6,9 @@
 
 --input takes files, folders and glob patterns. Unreadable files are reported and skipped.
 --fast runs the model through optimize_for_inference (about 1.2x faster on a CPU).
+--backend onnxruntime / openvino / torch-export --model exported/model.onnx (or model.pt2) draws
+with a model written by tools/export_model.py instead (README, "Deploy"); --config-file is then
+optional and, when given, must match the model's JSON.
 MODEL.WEIGHTS may be ours, AdelaiDet's, an mmdetection or official SOLO SOLOv2 checkpoint, or a
 published name such as mmdet://solov2_r50_fpn_1x_coco (README, "Loading published weights").
 """
@@ -17,7 +20,7 @@ import os
 import sys
 
 from detectron2.config import get_cfg
-from detectron2.data import MetadataCatalog
+from detectron2.data import Metadata, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
@@ -25,15 +28,32 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 from solov2_d2 import add_solov2_config
 from solov2_d2.checkpoint.predictor import SOLOv2Predictor
 from solov2_d2.engine.memory import retain_freed_memory
+from solov2_d2.export import ExportedPredictor, check_config, metadata_path
 from solov2_d2.modeling.fast import optimize_for_inference
 
+# demo.py --backend -> load_exported's backend.
+EXPORTED_BACKENDS = {"onnxruntime": "onnxruntime", "openvino": "openvino", "torch-export": "torch"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 logger = logging.getLogger("solov2_d2.demo")
 
 
 def get_parser():
     parser = argparse.ArgumentParser(description="SOLOv2 demo: draw predicted instance masks")
-    parser.add_argument("--config-file", required=True, metavar="FILE", help="path to config file")
+    parser.add_argument(
+        "--config-file",
+        metavar="FILE",
+        help="path to config file (required with --backend pytorch; with an exported model, "
+        "checked against its JSON)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=sorted(EXPORTED_BACKENDS) + ["pytorch"],
+        default="pytorch",
+        help="pytorch: the model of --config-file; the others run the exported --model",
+    )
+    parser.add_argument(
+        "--model", metavar="FILE", help="an exported model (tools/export_model.py) for --backend"
+    )
     parser.add_argument(
         "--input", nargs="+", required=True, help="image files, folders or glob patterns"
     )
@@ -111,15 +131,41 @@ def draw(predictor, metadata, image_bgr, confidence_threshold):
     return visualizer.draw_instance_predictions(instances), len(instances)
 
 
+def build_predictor(args):
+    """(predictor, metadata, input format) for ``args.backend``."""
+    if args.backend == "pytorch":
+        if not args.config_file:
+            raise SystemExit("--backend pytorch needs --config-file")
+        if args.model:
+            raise SystemExit(
+                "--model is an exported model: give it with --backend "
+                + "/".join(sorted(EXPORTED_BACKENDS))
+            )
+        cfg = setup_cfg(args)
+        metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
+        predictor = SOLOv2Predictor(cfg)  # MODEL.WEIGHTS may be an mmdetection / SOLO checkpoint
+        if args.fast:
+            optimize_for_inference(predictor.model)
+        return predictor, metadata, cfg.INPUT.FORMAT
+    if not args.model:
+        raise SystemExit(f"--backend {args.backend} needs --model (tools/export_model.py's output)")
+    if args.fast or args.opts:
+        raise SystemExit("--fast and --opts apply to --backend pytorch only")
+    predictor = ExportedPredictor(args.model, EXPORTED_BACKENDS[args.backend])
+    exported = predictor.model.metadata
+    if args.config_file:
+        check_config(setup_cfg(args), exported, metadata_path(predictor.model.path))
+    metadata = Metadata(name="exported")
+    if exported["class_names"]:
+        metadata.thing_classes = exported["class_names"]
+    return predictor, metadata, exported["input_format"]
+
+
 def main(argv=None):
     args = get_parser().parse_args(argv)
     setup_logger(name="solov2_d2")
     retain_freed_memory()  # solov2_d2/engine/memory.py: no page faults for large tensors
-    cfg = setup_cfg(args)
-    metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
-    predictor = SOLOv2Predictor(cfg)  # MODEL.WEIGHTS may be an mmdetection / SOLO checkpoint
-    if args.fast:
-        optimize_for_inference(predictor.model)
+    predictor, metadata, input_format = build_predictor(args)
 
     paths = expand_inputs(args.input)
     if not paths:
@@ -129,7 +175,7 @@ def main(argv=None):
     written, failed = 0, []
     for path, target in zip(paths, targets):
         try:
-            image = read_image(path, format=cfg.INPUT.FORMAT)
+            image = read_image(path, format=input_format)
         except Exception as error:  # unreadable / missing / corrupt: report and go on
             logger.error("skipping %s: cannot read it as an image (%s)", path, error)
             failed.append(path)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from detectron2.data import transforms as T
 
 from ..modeling.static_postprocess import FixedSizeDetections, instances_from_fixed_size
-from .metadata import ExportError, inference_params, metadata_path, read_metadata
+from .metadata import FORMATS, ExportError, inference_params, metadata_path, read_metadata
 
 __all__ = ["BACKENDS", "ExportedSOLOv2", "ExportedPredictor", "load_exported"]
 
@@ -142,8 +142,8 @@ class ExportedSOLOv2:
         channels = self.pixel_mean.shape[0]
         if image.dim() != 3 or image.shape[0] != channels:
             raise ExportError(
-                f"{self.path}: 'image' must be ({channels}, H, W) in {self.metadata['input_format']}"
-                f" channel order, got shape {tuple(image.shape)}"
+                f"{self.path}: 'image' must be ({channels}, H, W) in "
+                f"{self.metadata['input_format']} channel order, got shape {tuple(image.shape)}"
             )
         height, width = image.shape[-2:]
         size = self.metadata["size_divisibility"]
@@ -189,8 +189,6 @@ def load_exported(path: str, backend: str = "onnxruntime", precision: str = "f32
     interface. ``precision``: OpenVINO's inference precision ("f32", or "bf16" where the CPU has
     it: faster, scores off by ~1e-3)."""
     if os.path.isdir(path):
-        from .metadata import FORMATS
-
         names = [FORMATS[f] for f in ("onnx", "torch-export") if f in BACKENDS.get(backend, ())]
         path = os.path.join(path, names[0] if names else FORMATS["onnx"])
     return ExportedSOLOv2(path, backend, precision)
@@ -198,8 +196,9 @@ def load_exported(path: str, backend: str = "onnxruntime", precision: str = "f32
 
 class ExportedPredictor:
     """Detectron2's ``DefaultPredictor`` for an exported model: an (H, W, C) BGR image (flipped
-    to RGB if that is the JSON's input format, as ``DefaultPredictor`` does) -> the resize of the test config (MIN_SIZE_TEST, MAX_SIZE_TEST) -> the
-    model -> its predictions at the original size."""
+    to RGB if that is the JSON's input format, as ``DefaultPredictor`` does) -> the resize of
+    the test config (MIN_SIZE_TEST, MAX_SIZE_TEST) -> the model -> its predictions at the
+    original size."""
 
     def __init__(self, path: str, backend: str = "onnxruntime", precision: str = "f32"):
         self.model = load_exported(path, backend, precision)
