@@ -36,7 +36,11 @@ sys.path.insert(0, ROOT)
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.engine import default_argument_parser, hooks  # noqa: E402
-from detectron2.utils.events import JSONWriter  # noqa: E402
+from detectron2.utils.events import (  # noqa: E402
+    CommonMetricPrinter,
+    JSONWriter,
+    TensorboardXWriter,
+)
 
 import train_net  # noqa: E402
 from solov2_d2.data import register_builtin_shapes  # noqa: E402
@@ -119,15 +123,13 @@ class DemoTrainer(train_net.Trainer):
         return hook_list
 
     def build_writers(self):
-        # Built once: build_hooks hands the same writers to its own PeriodicWriter.
+        # Detectron2's default_writers with the JSONWriter renamed. Built once: build_hooks hands
+        # the same writers to its own PeriodicWriter.
         if getattr(self, "_demo_writers", None) is None:
             self._demo_writers = [
-                (
-                    JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, TRAINING_METRICS))
-                    if isinstance(writer, JSONWriter)
-                    else writer
-                )
-                for writer in super().build_writers()
+                CommonMetricPrinter(self.max_iter),
+                JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, TRAINING_METRICS)),
+                TensorboardXWriter(self.cfg.OUTPUT_DIR),
             ]
         return self._demo_writers
 
