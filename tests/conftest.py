@@ -1,4 +1,6 @@
+import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -6,6 +8,23 @@ import torch
 from solov2_d2 import add_solov2_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_tool(name):
+    """The script ``tools/<name>.py`` of this clone as a module. Loaded by path, not ``import
+    tools.<name>``: Detectron2 main installs a package named ``tools`` into site-packages, which
+    wins over our folder (a namespace package) on ``sys.path``."""
+    module_name = "solov2_d2_tools_" + name
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            module_name, os.path.join(ROOT, "tools", name + ".py")
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
 SHARED = os.path.abspath(os.path.join(ROOT, "..", "shared"))
 
 # Two cores: keep the suite from oversubscribing them.

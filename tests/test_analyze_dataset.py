@@ -9,7 +9,10 @@ import pytest
 from detectron2.data import DatasetCatalog
 from detectron2.structures import BoxMode
 
-import tools.analyze_dataset as tool
+from .conftest import load_tool
+
+tool = load_tool("analyze_dataset")
+
 
 # One 100 x 100 image resized 2x (short side 200), padded to 224 (a multiple of 32): the grid
 # covers 224 px, so a level-0 cell (S 10) is 22.4 px and a level-1 cell (S 5) 44.8 px.

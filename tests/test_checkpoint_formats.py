@@ -35,7 +35,7 @@ from solov2_d2.checkpoint import (
 )
 from solov2_d2.checkpoint.convert import unwrap_checkpoint
 
-from .conftest import ROOT, SHARED
+from .conftest import ROOT, SHARED, load_tool
 
 MMDET_REFERENCE = os.path.join(SHARED, "reference", "mmdet")
 SOLO_KEYS = os.path.join(ROOT, "tests", "data", "solo_keys")
@@ -351,7 +351,7 @@ def _assert_light_loaded(model, state):
 
 
 def test_plain_detectron2_checkpointer_loads_a_converted_file(light_r18, tmp_path, caplog):
-    import tools.convert_checkpoint as tool
+    tool = load_tool("convert_checkpoint")
 
     source, state, config = light_r18
     out = str(tmp_path / "converted.pth")
@@ -476,7 +476,7 @@ def test_pickled_callable_is_refused_and_never_runs(tmp_path, light_r18):
     with pytest.raises(UnsafeCheckpointError, match=r"evil\.pth: refused to load") as error:
         SOLOv2Checkpointer(model).load(evil)
     assert "weights_only=True" in str(error.value) and "_leave_mark" in str(error.value)
-    import tools.convert_checkpoint as tool
+    tool = load_tool("convert_checkpoint")
 
     with pytest.raises(UnsafeCheckpointError):
         tool.main([evil, str(tmp_path / "out.pth")])

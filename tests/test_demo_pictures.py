@@ -14,7 +14,6 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BitMasks, BoxMode, Instances
 
-import tools.demo_pipeline as demo_pipeline
 from solov2_d2.data import register_shapes_dataset
 from solov2_d2.visualization import (
     CAPTION_HEIGHT,
@@ -26,7 +25,9 @@ from solov2_d2.visualization import (
     read_metrics,
 )
 
-from .conftest import write_tiny_config
+from .conftest import load_tool, write_tiny_config
+
+demo_pipeline = load_tool("demo_pipeline")
 
 HEIGHT, WIDTH = 40, 60
 
