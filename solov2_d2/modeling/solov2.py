@@ -35,9 +35,7 @@ def _check_config(cfg):
             "builds on its compiled CUDA ops (no CPU kernel). Set MODEL.BACKBONE.NAME to "
             "build_solov2_resnet_fpn_backbone: Detectron2's build_resnet_fpn_backbone (same "
             "modules, keys and config) with its deformable convs on "
-            "torchvision.ops.deform_conv2d (CPU and GPU).".format(
-                cfg.MODEL.BACKBONE.NAME
-            )
+            "torchvision.ops.deform_conv2d (CPU and GPU).".format(cfg.MODEL.BACKBONE.NAME)
         )
     if not sol.LOSS.FOCAL_USE_SIGMOID:
         raise NotImplementedError("MODEL.SOLOV2.LOSS.FOCAL_USE_SIGMOID=False is not implemented.")
