@@ -11,7 +11,7 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from ..modeling.postprocess import point_nms
+from ..modeling.postprocess import cells_of_levels
 from ..modeling.static_postprocess import postprocess_fixed_size
 
 __all__ = ["SOLOv2Network", "SOLOv2ExportGraph", "OUTPUT_NAMES", "NETWORK_OUTPUT_NAMES"]
@@ -35,10 +35,7 @@ class SOLOv2Network(nn.Module):
         features = self.backbone(image)
         category_logits, kernel_preds = self.ins_head(features)
         mask_feature = self.mask_head(features)
-        category_scores = torch.cat(
-            [point_nms(level.sigmoid()).flatten(2) for level in category_logits], dim=2
-        )
-        kernels = torch.cat([level.flatten(2) for level in kernel_preds], dim=2)
+        category_scores, kernels = cells_of_levels(category_logits, kernel_preds)
         return category_scores[0].t(), kernels[0].t(), mask_feature[0]
 
 

@@ -13,8 +13,8 @@ from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from detectron2.data import transforms as T
+from detectron2.structures import ImageList
 
 from ..modeling.static_postprocess import FixedSizeDetections, instances_from_fixed_size
 from .metadata import FORMATS, ExportError, inference_params, metadata_path, read_metadata
@@ -132,7 +132,7 @@ class ExportedSOLOv2:
 
     def preprocess(self, image) -> torch.Tensor:
         """(C, H, W) image in the JSON's input format -> the graph's (1, C, H', W') input:
-        normalized, zero-padded to the size divisibility (as ``ImageList.from_tensors``)."""
+        normalized, zero-padded to the size divisibility by ``ImageList.from_tensors``."""
         if isinstance(image, np.ndarray):
             image = torch.from_numpy(np.ascontiguousarray(image))
         if not isinstance(image, torch.Tensor):
@@ -146,17 +146,17 @@ class ExportedSOLOv2:
                 f"{self.metadata['input_format']} channel order, got shape {tuple(image.shape)}"
             )
         height, width = image.shape[-2:]
-        size = self.metadata["size_divisibility"]
+        normalized = (image.to("cpu").float() - self.pixel_mean) / self.pixel_std
+        # The PyTorch model's own padding (SOLOv2.preprocess_image).
+        batch = ImageList.from_tensors([normalized], self.metadata["size_divisibility"]).tensor
         low, high = self.metadata["min_input_size"], self.metadata["max_input_size"]
-        padded = [max(-(-n // size) * size, 0) for n in (height, width)]
+        padded = batch.shape[-2:]
         if min(padded) < low or max(padded) > high:
             raise ExportError(
                 f"{self.path}: an image of {height} x {width} pads to {padded[0]} x {padded[1]}; "
                 f"the exported graph takes padded sizes from {low} to {high} (resize the image)"
             )
-        normalized = (image.to("cpu").float() - self.pixel_mean) / self.pixel_std
-        pad = (0, padded[1] - width, 0, padded[0] - height)
-        return F.pad(normalized, pad, value=0.0).unsqueeze(0).contiguous()
+        return batch.contiguous()
 
     def __call__(self, batched_inputs: List[Dict]) -> List[Dict]:
         results = []

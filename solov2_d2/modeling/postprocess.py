@@ -57,6 +57,17 @@ def point_nms(heatmap: torch.Tensor, kernel_size: int = 2) -> torch.Tensor:
     return heatmap * (pooled[..., :-1, :-1] == heatmap)
 
 
+def cells_of_levels(category_logits, kernel_preds) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The heads' per-level outputs as per-cell tensors of the batch: point-NMS'd sigmoid scores
+    (N, num_classes, num_cells) and kernels (N, E, num_cells), levels concatenated coarse grid
+    last, row-major within a level (the cell order of ``postprocess_single_image``)."""
+    category_scores = torch.cat(
+        [point_nms(level.sigmoid()).flatten(2) for level in category_logits], dim=2
+    )
+    kernels = torch.cat([level.flatten(2) for level in kernel_preds], dim=2)
+    return category_scores, kernels
+
+
 def maskness(soft_masks: torch.Tensor, binary_masks: torch.Tensor, areas: torch.Tensor):
     """Mean soft value inside each binary mask: the mask-quality factor of the final score."""
     return (soft_masks * binary_masks).sum(dim=(1, 2)) / areas

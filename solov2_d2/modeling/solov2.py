@@ -15,7 +15,7 @@ from .deform import is_modulated
 from .kernel_head import SOLOv2KernelHead
 from .losses import solov2_losses
 from .mask_feature_head import SOLOv2MaskFeatureHead
-from .postprocess import InferenceParams, point_nms, postprocess_single_image
+from .postprocess import InferenceParams, cells_of_levels, postprocess_single_image
 from .target_assigner import assign_targets_single_image
 
 __all__ = ["SOLOv2"]
@@ -266,10 +266,8 @@ class SOLOv2(nn.Module):
         """Per-image ``postprocess`` of the heads' outputs; ``postprocess`` is
         ``postprocess_single_image`` or anything with its signature (the benchmarks and tests
         pass ``postprocess_single_image_reference``)."""
-        category_scores = torch.cat(
-            [point_nms(level.sigmoid()).flatten(2) for level in category_logits], dim=2
-        )  # (N, C, num_cells)
-        kernels = torch.cat([level.flatten(2) for level in kernel_preds], dim=2)  # (N, E, cells)
+        # (N, C, num_cells), (N, E, num_cells)
+        category_scores, kernels = cells_of_levels(category_logits, kernel_preds)
         results = []
         for i, (image_size, inputs) in enumerate(zip(images.image_sizes, batched_inputs)):
             output_size = (
