@@ -80,15 +80,21 @@ def match_instances(record: dict, instances: Instances, iou_threshold: float = M
     order = np.argsort(-instances.scores.numpy(), kind="stable") if len(instances) else []
     pred_masks = instances.pred_masks.numpy().astype(bool) if len(instances) else None
     pred_classes = instances.pred_classes.tolist() if len(instances) else []
+    if gt_masks and len(instances):
+        # All prediction x object mask IoUs at once; the greedy matching below only reads them.
+        gt_flat = np.stack(gt_masks).reshape(len(gt_masks), -1).astype(np.int64)
+        pred_flat = pred_masks.reshape(len(instances), -1).astype(np.int64)
+        intersections = pred_flat @ gt_flat.T
+        unions = pred_flat.sum(1)[:, None] + gt_flat.sum(1)[None, :] - intersections
+        ious = np.where(unions > 0, intersections / np.maximum(unions, 1), 0.0)
     taken = [False] * len(gt_masks)
     matched = 0
     for index in order:
         best, best_iou = -1, iou_threshold
-        for gt_index, gt_mask in enumerate(gt_masks):
+        for gt_index in range(len(gt_masks)):
             if taken[gt_index] or gt_classes[gt_index] != pred_classes[index]:
                 continue
-            union = np.logical_or(gt_mask, pred_masks[index]).sum()
-            iou = np.logical_and(gt_mask, pred_masks[index]).sum() / union if union else 0.0
+            iou = ious[index, gt_index]
             if iou >= best_iou:
                 best, best_iou = gt_index, iou
         if best >= 0:
