@@ -145,8 +145,20 @@ class SOLOv2TrainerMixin:
     """
 
     def __init__(self, cfg):
+        # SOLVER.AMP.ENABLED on the CPU: bfloat16 autocast around each step (run_step).
+        # Detectron2 v0.6's AMPTrainer is CUDA-only (float16 + GradScaler): the base class gets
+        # a SimpleTrainer.
+        self._cpu_bfloat16 = cfg.SOLVER.AMP.ENABLED and torch.device(cfg.MODEL.DEVICE).type == "cpu"
+        base_cfg = cfg
+        if self._cpu_bfloat16:
+            base_cfg = cfg.clone()
+            base_cfg.defrost()
+            base_cfg.SOLVER.AMP.ENABLED = False
         with ddp_for_cpu_models():  # MODEL.DEVICE cpu with several processes
-            super().__init__(cfg)
+            super().__init__(base_cfg)
+        self.cfg = cfg
+        if self._cpu_bfloat16:
+            logger.info("SOLVER.AMP.ENABLED on the CPU: training steps run under bfloat16 autocast")
         self._use_solov2_checkpointer()
         self._loss_recorder = _LossRecorder()
         self.model.register_forward_hook(self._loss_recorder)
@@ -170,7 +182,8 @@ class SOLOv2TrainerMixin:
     def run_step(self):
         self._loss_recorder.clear()
         try:
-            super().run_step()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._cpu_bfloat16):
+                super().run_step()
         except FloatingPointError as error:
             recorder = self._loss_recorder
             raise non_finite_loss_error(
