@@ -2,18 +2,18 @@
 
 Why it exists: ``make demo`` trains SOLOv2 from scratch on a laptop-class CPU in minutes, which no
 real dataset allows. The images are still meant to be honest: several shape classes of widely
-varied size (from 20 pixels, the smallest at which each shape can still be named, to most of the
-image), rotation, colour, texture and background, overlapping and occluding each other.
+varied size (from a few pixels, smaller than one grid cell, to most of the image), rotation,
+colour, texture and background, overlapping and occluding each other.
 
 What an image contains
     * Classes (``SHAPES_CLASSES``): ellipse, triangle, rectangle, star, hexagon, cross. Every
       shape is a filled simple polygon, so a mask can only get a hole through occlusion, and the
       generator never lets that happen (see below).
     * Instance colour is drawn independently of the class, so the class can only be told from the
-      shape. About a quarter of the instances are textured (stripes, checkerboard or noise).
+      shape. About a third of the instances are textured (stripes, checkerboard or noise).
     * Backgrounds are flat, a gradient, or smooth noise, with faint blurred patches that are not
       objects, and the whole image gets mild pixel noise and sometimes a slight blur.
-    * 1 to 6 objects per image. Later objects are painted over earlier ones; every annotation
+    * 1 to 8 objects per image. Later objects are painted over earlier ones; every annotation
       describes the VISIBLE region of its object.
 
 How the annotations stay exact
@@ -101,18 +101,15 @@ BUILTIN_SHAPES_DATASETS: Dict[str, Dict[str, object]] = {
 
 # Bump whenever the generated content changes, so that splits on disk written by an older
 # generator are regenerated instead of silently reused.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 1
 
-MAX_OBJECTS_PER_IMAGE = 6
-# Long side of an object's box, in pixels: log-uniform from MIN_OBJECT_EXTENT to half the image's
-# short side, plus a share of objects spanning most of the image. The smallest is still a shape one
-# can name: at 20 px a star's points, a cross's arms (>= 4 px wide) and a triangle's corners are
-# several pixels across, and a hexagon's corners stand 1.3 px off its circumscribed ellipse, about
-# the contrast a person needs to tell the two apart. Version 1 drew 15% of the objects at 5-12 px,
-# where a "hexagon" and an "ellipse" are the same blob of pixels: half of all objects were under
-# ~21 x 21 px and nothing classified them (see the README's demo section).
-MIN_OBJECT_EXTENT = 20.0
-LARGE_OBJECT_PROBABILITY = 0.2
+MAX_OBJECTS_PER_IMAGE = 8
+# Long side of an object's box, in pixels: a share of tiny objects (below one grid cell of the
+# finest SOLOv2 level at ~160 px input), a share of objects spanning most of the image, and
+# log-uniform sizes in between.
+TINY_OBJECT_PROBABILITY = 0.15
+TINY_OBJECT_EXTENT = (5.0, 12.0)
+LARGE_OBJECT_PROBABILITY = 0.15
 LARGE_OBJECT_FRACTION = (0.5, 0.9)  # of the image's short side
 # Share of an object's box that may stick out of the image on each axis (objects cut by the border).
 MAX_BOX_OVERHANG = 0.15
@@ -123,12 +120,11 @@ COLOR_ATTEMPTS = 8
 # RGB distance an object's mean colour keeps from the background under it and from the objects it
 # overlaps or touches; without it some boundaries would be invisible, which no annotator would draw.
 MIN_COLOR_DISTANCE = 60.0
-TEXTURED_PROBABILITY = 0.25
+TEXTURED_PROBABILITY = 0.35
 
 # Occlusion limits. The visible share is of the object's unoccluded in-image mask; a part is a
 # connected piece of a visible mask split by occluders.
-# (Version 1: 0.4, 8 objects, 35% textured; see MIN_OBJECT_EXTENT.)
-MIN_VISIBLE_FRACTION = 0.6
+MIN_VISIBLE_FRACTION = 0.4
 MIN_VISIBLE_PIXELS = 10
 MIN_PART_PIXELS = 4
 # Stored polygons against the visible pixels: required, and enough to prefer simplified ones.
@@ -195,9 +191,12 @@ def _unit_shape(class_name: str, rng: np.random.Generator) -> np.ndarray:
 
 def _sample_extent(rng: np.random.Generator, short_side: int) -> float:
     """Long side, in pixels, of the box of a new object."""
-    if rng.random() < LARGE_OBJECT_PROBABILITY:
+    draw = rng.random()
+    if draw < TINY_OBJECT_PROBABILITY:
+        return rng.uniform(*TINY_OBJECT_EXTENT)
+    if draw < TINY_OBJECT_PROBABILITY + LARGE_OBJECT_PROBABILITY:
         return rng.uniform(*LARGE_OBJECT_FRACTION) * short_side
-    low, high = MIN_OBJECT_EXTENT, LARGE_OBJECT_FRACTION[0] * short_side
+    low, high = TINY_OBJECT_EXTENT[1], LARGE_OBJECT_FRACTION[0] * short_side
     return float(np.exp(rng.uniform(np.log(low), np.log(high))))
 
 
