@@ -156,8 +156,13 @@ class SOLOv2TrainerMixin:
             base_cfg.SOLVER.AMP.ENABLED = False
         with ddp_for_cpu_models():  # MODEL.DEVICE cpu with several processes
             super().__init__(base_cfg)
-        self.cfg = cfg
         if self._cpu_bfloat16:
+            # The trainer's own config (DefaultTrainer may have rescaled it) says AMP again.
+            frozen, self.cfg = self.cfg.is_frozen(), self.cfg.clone()
+            self.cfg.defrost()
+            self.cfg.SOLVER.AMP.ENABLED = True
+            if frozen:
+                self.cfg.freeze()
             logger.info("SOLVER.AMP.ENABLED on the CPU: training steps run under bfloat16 autocast")
         self._use_solov2_checkpointer()
         self._loss_recorder = _LossRecorder()
