@@ -127,6 +127,16 @@ def non_finite_loss_error(
     )
 
 
+def _with_amp(cfg, enabled: bool):
+    """A copy of ``cfg`` with SOLVER.AMP.ENABLED = ``enabled``, frozen if ``cfg`` was."""
+    copy = cfg.clone()
+    copy.defrost()
+    copy.SOLVER.AMP.ENABLED = enabled
+    if cfg.is_frozen():
+        copy.freeze()
+    return copy
+
+
 class SOLOv2TrainerMixin:
     """Mixed into a ``DefaultTrainer`` subclass (``class Trainer(SOLOv2TrainerMixin,
     DefaultTrainer)``):
@@ -141,7 +151,8 @@ class SOLOv2TrainerMixin:
       each naming the rank(s) and term(s) (Detectron2 stops only rank 0, the others hang);
     * ``MODEL.DEVICE cpu`` trains with several processes (gloo, see ``compat.launch``);
     * MODEL.WEIGHTS may be an mmdetection / official SOLO SOLOv2 checkpoint or an ``mmdet://``
-      name (``SOLOv2Checkpointer``).
+      name (``SOLOv2Checkpointer``);
+    * SOLVER.AMP.ENABLED with MODEL.DEVICE cpu trains under bfloat16 autocast.
     """
 
     def __init__(self, cfg):
@@ -149,20 +160,11 @@ class SOLOv2TrainerMixin:
         # Detectron2 v0.6's AMPTrainer is CUDA-only (float16 + GradScaler): the base class gets
         # a SimpleTrainer.
         self._cpu_bfloat16 = cfg.SOLVER.AMP.ENABLED and torch.device(cfg.MODEL.DEVICE).type == "cpu"
-        base_cfg = cfg
-        if self._cpu_bfloat16:
-            base_cfg = cfg.clone()
-            base_cfg.defrost()
-            base_cfg.SOLVER.AMP.ENABLED = False
         with ddp_for_cpu_models():  # MODEL.DEVICE cpu with several processes
-            super().__init__(base_cfg)
+            super().__init__(_with_amp(cfg, False) if self._cpu_bfloat16 else cfg)
         if self._cpu_bfloat16:
             # The trainer's own config (DefaultTrainer may have rescaled it) says AMP again.
-            frozen, self.cfg = self.cfg.is_frozen(), self.cfg.clone()
-            self.cfg.defrost()
-            self.cfg.SOLVER.AMP.ENABLED = True
-            if frozen:
-                self.cfg.freeze()
+            self.cfg = _with_amp(self.cfg, True)
             logger.info("SOLVER.AMP.ENABLED on the CPU: training steps run under bfloat16 autocast")
         self._use_solov2_checkpointer()
         self._loss_recorder = _LossRecorder()
