@@ -27,8 +27,8 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from solov2_d2 import add_solov2_config
 from solov2_d2.checkpoint.predictor import SOLOv2Predictor
-from solov2_d2.engine.memory import retain_freed_memory
 from solov2_d2.export import ExportedPredictor, check_config, metadata_path
+from solov2_d2.memory import retain_freed_memory
 from solov2_d2.modeling.fast import optimize_for_inference
 
 # demo.py --backend -> load_exported's backend.
@@ -164,7 +164,7 @@ def build_predictor(args):
 def main(argv=None):
     args = get_parser().parse_args(argv)
     setup_logger(name="solov2_d2")
-    retain_freed_memory()  # solov2_d2/engine/memory.py: no page faults for large tensors
+    retain_freed_memory()  # solov2_d2/memory.py: no page faults for large tensors
     predictor, metadata, input_format = build_predictor(args)
 
     paths = expand_inputs(args.input)

@@ -24,7 +24,7 @@ from solov2_d2.compat import build_coco_evaluator, launch
 from solov2_d2.data import SOLOv2DatasetMapper
 from solov2_d2.data.checks import get_dataset_dicts
 from solov2_d2.engine import SOLOv2TrainerMixin, build_optimizer, build_resumable_train_loader
-from solov2_d2.engine.memory import retain_freed_memory
+from solov2_d2.memory import retain_freed_memory
 
 
 class Trainer(SOLOv2TrainerMixin, DefaultTrainer):
@@ -79,7 +79,7 @@ def setup(args):
 
 def main(args):
     # Large activations reuse freed memory instead of being faulted in on every iteration
-    # (solov2_d2/engine/memory.py; SOLOV2_D2_RETAIN_FREED_MEMORY=0 keeps glibc's defaults).
+    # (solov2_d2/memory.py; SOLOV2_D2_RETAIN_FREED_MEMORY=0 keeps glibc's defaults).
     retain_freed_memory()
     cfg = setup(args)
     if args.eval_only:

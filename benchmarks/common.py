@@ -63,7 +63,7 @@ def add_malloc_option(parser) -> None:
 def apply_malloc_option(args) -> str:
     """Calls ``retain_freed_memory`` unless ``--default-malloc``; returns the machine header's
     note on the allocator setting."""
-    from solov2_d2.engine.memory import retain_freed_memory
+    from solov2_d2.memory import retain_freed_memory
 
     if not args.default_malloc and retain_freed_memory(True):
         return "; freed memory retained (retain_freed_memory)"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""End-to-end SOLOv2 inference latency: the straightforward eager model against the optimized ones.
+"""End-to-end SOLOv2 inference latency: the official code's inference against our two forms.
 
 Models: R50-FPN (configs/SOLOv2_R50_1x.yaml) at 800 x 1216 and SOLOv2-Light-512
 (configs/SOLOv2_Light_512_R50_3x.yaml) at 512 x 778 (padded to 512 x 800), both with
@@ -13,20 +13,23 @@ primitives and are slower).
 
 Three forms of the same weights run in the same process, their timed runs interleaved:
 
-- eager: the model as built (NCHW, FrozenBatchNorm2d after every backbone conv), run under
-  ``torch.no_grad`` like Detectron2's evaluator, with ``postprocess_single_image_reference``:
-  every candidate's mask is upsampled to the image size before any filtering, and Matrix NMS is
-  the dense one of the official code (``matrix_nms_dense``).
+- official: the model as built (NCHW, FrozenBatchNorm2d after every backbone conv), run under
+  ``torch.no_grad`` like Detectron2's evaluator, with ``official_style.official_style_postprocess``:
+  the official ``get_seg_single``'s operations in its order (candidate masks by ``F.conv2d`` at
+  1/4 resolution, dense official Matrix NMS, only the final detections upsampled with
+  ``F.interpolate``). The baseline every speed-up is reported against.
 - exact: the same model object under ``torch.inference_mode`` with its own
   ``postprocess_single_image`` (masks thresholded and counted at 1/4 resolution, class-aware
-  box-restricted ``matrix_nms``, only the final detections upsampled, chunk by chunk): every
-  operation that changes float rounding is avoided, so its predictions must equal eager's bit for
-  bit. This is what ``SOLOv2.forward`` does by default.
+  box-restricted ``matrix_nms``, only the final detections upsampled, chunk by chunk, with the
+  defined rounding of ``mask_upsample.py``). This is what ``SOLOv2.forward`` does by default.
+  Its predictions equal ``postprocess_single_image_reference``'s bit for bit (tests); against
+  the official form they agree to float rounding (matmul vs conv2d soft masks, the upsampling's
+  defined rounding vs ``F.interpolate``'s), which the comparison columns show.
 - fast: exact plus ``optimize_for_inference`` (FrozenBN folded into the convs, channels-last on
   the CPU): faster convolutions, float rounding of a different order, so scores and masks may
   differ in the last bits and a detection at a threshold may flip (counted below).
 
-Both non-eager forms' predictions are compared with eager's: number of instances, classes,
+Both of our forms' predictions are compared with the official form's: number of instances, classes,
 scores, masks (bitwise, or per-instance IoU and the largest score difference).
 
 Every form runs through ``common.staged_inference``: the model's own public pieces
@@ -35,7 +38,7 @@ Every form runs through ``common.staged_inference``: the model's own public piec
 ``SOLOv2.forward``'s predictions bit for bit.
 
 Memory. Unless ``--default-malloc`` is given, the process first calls
-``solov2_d2.engine.memory.retain_freed_memory()`` (all forms share the process and the setting):
+``solov2_d2.memory.retain_freed_memory()`` (all forms share the process and the setting):
 with glibc's defaults every tensor above 32 MiB is a fresh mmap whose pages are faulted in on
 every forward pass, a large share of a CPU forward pass at 800 x 1216
 (``benchmarks/results/inference_default_malloc.md`` against ``inference.md``).
@@ -101,13 +104,13 @@ from common import (  # noqa: E402
 )
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
+from official_style import official_style_postprocess  # noqa: E402
 
 from solov2_d2 import add_solov2_config  # noqa: E402
 from solov2_d2.modeling.fast import optimize_for_inference  # noqa: E402
 from solov2_d2.modeling.postprocess import (  # noqa: E402
     point_nms,
     postprocess_single_image,
-    postprocess_single_image_reference,
 )
 
 CONFIGS = {
@@ -116,7 +119,7 @@ CONFIGS = {
 }
 ASPECT = 1216 / 800  # the benchmark images' width / height
 STAGES = ("preprocess", "backbone+FPN", "heads", "postprocess")
-FORMS = ("eager", "exact", "fast")
+FORMS = ("official", "exact", "fast")
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -274,18 +277,18 @@ def benchmark_config(name, config_file, args, device, rows, notes):
     num_images = max(args.batch_sizes)
     images = [synthetic_scene(height, width, seed)[0] for seed in range(num_images)]
     all_inputs = [{"image": image, "height": height, "width": width} for image in images]
-    cfg, eager, fast, shift = build_models(config_file, args.device, args.candidates, all_inputs[0])
+    cfg, model, fast, shift = build_models(config_file, args.device, args.candidates, all_inputs[0])
     forms = (
-        ("eager", eager, postprocess_single_image_reference, torch.no_grad),
-        ("exact", eager, postprocess_single_image, torch.inference_mode),
+        ("official", model, official_style_postprocess, torch.no_grad),
+        ("exact", model, postprocess_single_image, torch.inference_mode),
         ("fast", fast, postprocess_single_image, torch.inference_mode),
     )
-    candidates = count_candidates(eager, all_inputs)
+    candidates = count_candidates(model, all_inputs)
 
     # The stage-by-stage runner must be the model's forward: check once, bitwise.
     with torch.inference_mode():
-        direct = eager(all_inputs[:1])
-    staged, _ = run_once(eager, all_inputs[:1], postprocess_single_image, torch.no_grad, device)
+        direct = model(all_inputs[:1])
+    staged, _ = run_once(model, all_inputs[:1], postprocess_single_image, torch.no_grad, device)
     assert compare(direct, staged)["bitwise"], "run_once differs from SOLOv2.forward"
     area, box_area = mask_statistics(direct)
     notes.append(
@@ -311,7 +314,7 @@ def benchmark_config(name, config_file, args, device, rows, notes):
                 )
                 runs[form].append(times)
             print(f"   batch {batch}: run {repeat + 1}/{args.runs}", file=sys.stderr, flush=True)
-        agreement = {form: compare(outputs["eager"], outputs[form]) for form in outputs}
+        agreement = {form: compare(outputs["official"], outputs[form]) for form in outputs}
         for form, model, postprocess, context in forms:
             with PeakMemory(device) as memory:
                 run_once(model, all_inputs[:batch], postprocess, context, device)
@@ -351,10 +354,10 @@ def latency_table(rows):
 
 
 def pairs(rows):
-    """(eager row, other form's row) per model, batch and non-eager form."""
+    """(official row, other form's row) per model, batch and other form."""
     by_key = {(r["config"], r["batch"], r["form"]): r for r in rows}
     for (config, batch, form), row in by_key.items():
-        if form == "eager":
+        if form == "official":
             for other in FORMS[1:]:
                 if (config, batch, other) in by_key:
                     yield row, by_key[(config, batch, other)]
@@ -381,17 +384,17 @@ def speedup_table(rows):
         "backbone+FPN",
         "heads",
         "postprocess",
-        "predictions vs eager",
+        "predictions vs official",
         "max score diff",
         "min mask IoU",
     ]
     body = []
-    for eager, other in pairs(rows):
-        a, b, agreement = eager["ms"], other["ms"], other["agreement"]
+    for baseline, other in pairs(rows):
+        a, b, agreement = baseline["ms"], other["ms"], other["agreement"]
         body.append(
             [
-                eager["config"],
-                eager["batch"],
+                baseline["config"],
+                baseline["batch"],
                 other["form"],
                 f"{a['total'] / b['total']:.2f}x",
                 f"{a['backbone+FPN'] / b['backbone+FPN']:.2f}x",
@@ -408,12 +411,12 @@ def speedup_table(rows):
 def target_lines(rows):
     by_key = {(r["config"], r["batch"], r["form"]): r for r in rows}
     lines = []
-    eager = by_key.get(("R50-FPN", 1, "eager"))
+    baseline = by_key.get(("R50-FPN", 1, "official"))
     for form in FORMS[1:]:
         row = by_key.get(("R50-FPN", 1, form))
-        if not (eager and row):
+        if not (baseline and row):
             continue
-        speedup = eager["ms"]["total"] / row["ms"]["total"]
+        speedup = baseline["ms"]["total"] / row["ms"]["total"]
         agreement = row["agreement"]
         identical = (
             "bitwise identical"
@@ -425,10 +428,10 @@ def target_lines(rows):
                 else "NOT identical"
             )
         )
-        met = "met" if speedup >= 1.25 and agreement["identical"] else "NOT met"
         lines.append(
-            f"- R50-FPN 800 x 1216, batch 1, {form}: {speedup:.2f}x faster than eager, "
-            f"predictions {identical} (target >= 1.25x with identical predictions: {met})."
+            f"- R50-FPN 800 x 1216, batch 1, {form}: {speedup:.2f}x faster than official, "
+            f"predictions {identical} (all forms in one process here; the >= 2.5x target is "
+            "judged with each in its own plain process: benchmarks/plain_process.py)."
         )
     for form in FORMS[1:]:
         row = by_key.get(("R50-FPN", 1, form))
@@ -467,7 +470,7 @@ def plot(rows, path):
         left = [a + b for a, b in zip(left, widths)]
     axes.invert_yaxis()
     axes.set_xlabel("median time per image (ms)")
-    axes.set_title("SOLOv2 inference: eager, exact and fast forms")
+    axes.set_title("SOLOv2 inference: the official form, our exact and fast forms")
     axes.legend(loc="lower right", fontsize="small")
     axes.grid(True, axis="x", alpha=0.3)
     figure.tight_layout()

@@ -11,7 +11,7 @@ import pytest
 # needs a few rounds to grow its heap to where freed blocks coalesce and serve the next ones).
 _PROBE = textwrap.dedent("""
     import resource, sys, torch
-    from solov2_d2.engine.memory import retain_freed_memory
+    from solov2_d2.memory import retain_freed_memory
     applied = retain_freed_memory(sys.argv[1] == "1")
     def forward():
         x = torch.empty(40 * 1024 * 1024).fill_(1.0)
@@ -52,8 +52,65 @@ def test_freed_memory_is_reused_without_page_faults():
 
 
 def test_environment_variable_turns_it_off(monkeypatch):
-    from solov2_d2.engine import memory
+    from solov2_d2 import memory
 
     monkeypatch.setenv("SOLOV2_D2_RETAIN_FREED_MEMORY", "0")
     monkeypatch.setattr(memory, "_state", {"applied": False})
     assert memory.retain_freed_memory() is False
+
+
+# A plain process: build the model, call it twice in eval mode on the CPU, nothing else. Prints
+# whether freed memory is retained before and after, and the number of the module's log lines.
+_MODEL_PROBE = textwrap.dedent("""
+    import logging, sys, torch
+    sys.path.insert(0, sys.argv[1])
+    from detectron2.modeling import build_model
+    from tests.conftest import tiny_cfg
+    from solov2_d2 import memory
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("solov2_d2.memory").addHandler(handler)
+    logging.getLogger("solov2_d2.memory").setLevel(logging.INFO)
+    model = build_model(tiny_cfg()).eval()
+    before = memory._state["applied"]
+    image = torch.randint(0, 256, (3, 64, 96), dtype=torch.uint8)
+    with torch.no_grad():
+        model([{"image": image}])
+        model([{"image": image}])
+    print(int(before), int(memory._state["applied"]), len(records))
+    print(records[0].getMessage() if records else "")
+    """)
+
+
+def _model_probe(env_value):
+    import os
+
+    env = dict(os.environ)
+    env.pop("SOLOV2_D2_RETAIN_FREED_MEMORY", None)
+    if env_value is not None:
+        env["SOLOV2_D2_RETAIN_FREED_MEMORY"] = env_value
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-c", _MODEL_PROBE, root],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    ).stdout.splitlines()
+    before, after, lines = (int(v) for v in out[0].split())
+    return bool(before), bool(after), lines, out[1]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt: Linux only")
+def test_the_model_retains_freed_memory_at_its_first_cpu_inference():
+    before, after, lines, message = _model_probe(None)
+    assert not before and after
+    assert lines == 1, "logged once over two calls"
+    assert "keeps freed memory" in message and "SOLOV2_D2_RETAIN_FREED_MEMORY=0" in message
+
+
+def test_the_environment_switch_keeps_the_model_off_the_setting():
+    before, after, lines, message = _model_probe("0")
+    assert not before and not after
+    assert lines == 1 and "turned off by SOLOV2_D2_RETAIN_FREED_MEMORY" in message

@@ -46,7 +46,7 @@ import train_net  # noqa: E402
 from solov2_d2.data import register_builtin_shapes  # noqa: E402
 from solov2_d2.data.checks import get_dataset_dicts  # noqa: E402
 from solov2_d2.engine.evaluation_hook import SubsetEvalHook  # noqa: E402
-from solov2_d2.engine.memory import retain_freed_memory  # noqa: E402
+from solov2_d2.memory import retain_freed_memory  # noqa: E402
 from solov2_d2.visualization import (  # noqa: E402
     contact_sheet,
     draw_predictions,

@@ -10,6 +10,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import BitMasks, ImageList, Instances, PolygonMasks
 from torch import nn
 
+from ..memory import arrange_for_cpu_inference
 from .backbone import DETECTRON2_RESNET_BUILDERS
 from .deform import is_modulated
 from .kernel_head import SOLOv2KernelHead
@@ -190,6 +191,9 @@ class SOLOv2(nn.Module):
             training: dict of losses; inference: list of {"instances": Instances} with
             pred_masks (bool), pred_boxes (tight boxes of the masks), scores, pred_classes.
         """
+        if not self.training and self.device.type == "cpu" and not torch.compiler.is_compiling():
+            # Large activations would otherwise be page-faulted in on every call (memory.py).
+            arrange_for_cpu_inference()
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
         category_logits, kernel_preds = self.ins_head(features)
