@@ -127,6 +127,13 @@ def non_finite_loss_error(
     )
 
 
+def _cpu_has_native_bfloat16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
 def _with_amp(cfg, enabled: bool):
     """A copy of ``cfg`` with SOLVER.AMP.ENABLED = ``enabled``, frozen if ``cfg`` was."""
     copy = cfg.clone()
@@ -166,6 +173,11 @@ class SOLOv2TrainerMixin:
             # The trainer's own config (DefaultTrainer may have rescaled it) says AMP again.
             self.cfg = _with_amp(self.cfg, True)
             logger.info("SOLVER.AMP.ENABLED on the CPU: training steps run under bfloat16 autocast")
+            if not _cpu_has_native_bfloat16():
+                logger.warning(
+                    "This CPU has no native bfloat16 (oneDNN reports none): bfloat16 steps may be "
+                    "slower than float32 here; SOLVER.AMP.ENABLED False trains in float32."
+                )
         self._use_solov2_checkpointer()
         self._loss_recorder = _LossRecorder()
         self.model.register_forward_hook(self._loss_recorder)

@@ -135,7 +135,7 @@ class SOLOv2KernelHead(nn.Module):
         """
         super().__init__()
         if norm not in ("GN", ""):
-            raise ValueError("MODEL.SOLOV2.NORM must be 'GN' or 'none', got {!r}".format(norm))
+            raise ValueError("MODEL.SOLOV2.NORM must be 'GN' or '' (none), got {!r}".format(norm))
         if dcn_convs not in DCN_INSTANCE_CONVS:
             raise ValueError(
                 "MODEL.SOLOV2.DCN_INSTANCE_CONVS must be 'all' or 'last', got {!r}".format(

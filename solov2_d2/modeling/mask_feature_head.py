@@ -56,7 +56,7 @@ class SOLOv2MaskFeatureHead(nn.Module):
         """
         super().__init__()
         if norm not in ("GN", ""):
-            raise ValueError("MODEL.SOLOV2.NORM must be 'GN' or 'none', got {!r}".format(norm))
+            raise ValueError("MODEL.SOLOV2.NORM must be 'GN' or '' (none), got {!r}".format(norm))
         self.in_features = list(input_shape)
         if not self.in_features:
             raise ValueError("MODEL.SOLOV2.MASK_IN_FEATURES is empty")
