@@ -368,8 +368,10 @@ def verdict(agreement) -> str:
         text = "bitwise identical"
     elif agreement["identical"]:
         text = "identical"
-    else:
+    elif agreement["unmatched"]:
         text = f"NOT identical: {agreement['unmatched']} unmatched"
+    else:  # all matched by class and score, some mask below IOU_TOLERANCE
+        text = f"NOT identical: min mask IoU {agreement['min_mask_iou']:.4f} < {IOU_TOLERANCE}"
     if agreement["swapped"]:
         text += f", {agreement['swapped']} swapped ranks"
     return f"{text} ({agreement['instances']} instances)"

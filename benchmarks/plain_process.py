@@ -15,6 +15,10 @@ processes that each do exactly that:
   ``official_style.official_style_postprocess`` (the official ``get_seg_single``'s operations in
   its order), under ``torch.no_grad``, with glibc's default allocator settings, as the official
   code runs.
+- ``onnxruntime`` / ``openvino`` (``--backends``): the same weights exported to ONNX once
+  (``solov2_d2.export.export_model``, the graph with the fixed-size postprocess inside), then in
+  the child only ``load_exported(path, backend)`` and ``predictor([input])``: the deployment path
+  (OpenVINO at its float32 precision).
 
 Weights: random (seed 0), calibrated as in ``benchmarks/inference.py`` (FrozenBN statistics of
 the first image, the category bias shifted so that ``--candidates`` cells x classes pass
@@ -48,6 +52,9 @@ from common import (  # noqa: E402
 )
 
 IMPLEMENTATIONS = ("official", "ours")
+# Exported models (``tools/export_model.py``'s ``export_model``, ONNX), loaded with
+# ``solov2_d2.export.load_exported`` and called like the model.
+EXPORTED = ("onnxruntime", "openvino")
 SAVED_IMAGES = 2
 _ALLOCATOR_SWITCH = "SOLOV2_D2_RETAIN_FREED_MEMORY"
 
@@ -72,7 +79,15 @@ def _child(args) -> None:
     model.eval()
     inputs = torch.load(args.inputs)
 
-    if args.child == "ours":
+    if args.child in EXPORTED:
+        from solov2_d2.export import load_exported
+
+        exported = load_exported(args.exported, backend=args.child)
+
+        def predict(image_input):
+            return exported([image_input])
+
+    elif args.child == "ours":
 
         def predict(image_input):
             with torch.no_grad():
@@ -131,12 +146,31 @@ def _prepare(name, config_file, candidates, directory):
     return weights, inputs_path, f"{height} x {width}", shift, counts
 
 
-def _run_child(implementation, config_file, weights, inputs, output, args):
+def _export(name, config_file, weights, directory):
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from solov2_d2 import add_solov2_config
+    from solov2_d2.export import export_model
+
+    cfg = get_cfg()
+    add_solov2_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg).eval()
+    DetectionCheckpointer(model).load(weights)
+    return export_model(cfg, model, os.path.join(directory, name + "_onnx"), "onnx")
+
+
+def _run_child(implementation, config_file, weights, inputs, output, args, exported=None):
     env = dict(os.environ)
     env.pop(_ALLOCATOR_SWITCH, None)  # the user's default: whatever the model arranges
     command = [sys.executable, os.path.abspath(__file__), "--child", implementation]
     command += ["--config-file", config_file, "--weights", weights, "--inputs", inputs]
     command += ["--output", output, "--runs", str(args.runs), "--warmup", str(args.warmup)]
+    if exported:
+        command += ["--exported", exported]
     start = time.time()
     subprocess.run(command, check=True, env=env)
     with open(output) as f:
@@ -168,8 +202,16 @@ def main():
     parser.add_argument("--runs", type=int, default=3, help="timed runs of the images per process")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs first, per process")
     parser.add_argument("--candidates", type=int, default=300, help="calibration target")
+    parser.add_argument(
+        "--backends",
+        nargs="*",
+        default=list(EXPORTED),
+        choices=list(EXPORTED),
+        help="exported backends to time as well (none: just ours and the official inference)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only")
-    parser.add_argument("--child", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=IMPLEMENTATIONS + EXPORTED, help=argparse.SUPPRESS)
+    parser.add_argument("--exported", help=argparse.SUPPRESS)
     parser.add_argument("--config-file", help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     parser.add_argument("--inputs", help=argparse.SUPPRESS)
@@ -193,13 +235,15 @@ def main():
                 f"- {name}: {size} input, category bias shifted by {shift:+.3f}; candidates per "
                 f"image {', '.join(map(str, counts))}."
             )
-            per_image = {impl: [] for impl in IMPLEMENTATIONS}
-            walls = {impl: [] for impl in IMPLEMENTATIONS}
+            implementations = IMPLEMENTATIONS + tuple(args.backends)
+            exported = _export(name, config_file, weights, directory) if args.backends else None
+            per_image = {impl: [] for impl in implementations}
+            walls = {impl: [] for impl in implementations}
             predictions = {}
             for round_index in range(args.rounds):
-                for impl in IMPLEMENTATIONS:
+                for impl in implementations:
                     output = os.path.join(directory, f"{name}_{impl}_{round_index}.json")
-                    result = _run_child(impl, config_file, weights, inputs, output, args)
+                    result = _run_child(impl, config_file, weights, inputs, output, args, exported)
                     per_image[impl] += [t for run in result["times"] for t in run]
                     walls[impl].append(result["wall"])
                     predictions[impl] = _as_instances(torch.load(output + ".pth"))
@@ -209,9 +253,14 @@ def main():
                         file=sys.stderr,
                         flush=True,
                     )
-            agreement = inference.compare(predictions["official"], predictions["ours"])
+            agreements = {
+                impl: inference.compare(predictions["official"], predictions[impl])
+                for impl in implementations
+            }
+            agreement = agreements["ours"]
             baseline = statistics.median(per_image["official"])
-            for impl in IMPLEMENTATIONS:
+            ours = statistics.median(per_image["ours"])
+            for impl in implementations:
                 median = statistics.median(per_image[impl])
                 rows.append(
                     [
@@ -222,10 +271,22 @@ def main():
                         f"{1000 * min(per_image[impl]):.0f}",
                         f"{1000 * max(per_image[impl]):.0f}",
                         f"{baseline / median:.2f}x",
+                        "-" if impl == "official" else f"{ours / median:.2f}x",
                         f"{statistics.median(walls[impl]):.0f}",
-                        "-" if impl == "official" else inference.verdict(agreement),
+                        "-" if impl == "official" else inference.verdict(agreements[impl]),
+                        "-" if impl == "official" else f"{agreements[impl]['max_score_diff']:.1e}",
                     ]
                 )
+                if impl in EXPORTED:
+                    met = (
+                        "met"
+                        if ours / median >= 1.5 and agreements[impl]["identical"]
+                        else "NOT met"
+                    )
+                    lines.append(
+                        f"- {name} {impl}: {ours / median:.2f}x ours end to end (target >= 1.5x "
+                        f"with the same detections: {met})."
+                    )
             speedup = baseline / statistics.median(per_image["ours"])
             if name == "R50-FPN":
                 met = "met" if speedup >= 2.5 and agreement["identical"] else "NOT met"
@@ -246,11 +307,13 @@ def main():
             "min",
             "max",
             "speed-up vs official",
+            "vs ours",
             "process wall (s)",
             "detections vs official",
+            "max score diff",
         ],
         rows,
-        "lll" + "r" * 5 + "l",
+        "lll" + "r" * 6 + "lr",
     )
     body = "\n\n".join(
         [
