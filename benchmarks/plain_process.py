@@ -15,10 +15,11 @@ processes that each do exactly that:
   ``official_style.official_style_postprocess`` (the official ``get_seg_single``'s operations in
   its order), under ``torch.no_grad``, with glibc's default allocator settings, as the official
   code runs.
-- ``onnxruntime`` / ``openvino`` (``--backends``): the same weights exported to ONNX once
-  (``solov2_d2.export.export_model``, the graph with the fixed-size postprocess inside), then in
-  the child only ``load_exported(path, backend)`` and ``predictor([input])``: the deployment path
-  (OpenVINO at its float32 precision).
+- ``onnxruntime`` / ``openvino`` / ``openvino-bf16`` (``--backends``): the same weights exported
+  to ONNX once (``solov2_d2.export.export_model``, the graph with the fixed-size postprocess
+  inside), then in the child only ``load_exported(path, backend, precision)`` and
+  ``predictor([input])``: the deployment path (OpenVINO at float32, its default here, and at
+  bfloat16, whose accuracy cost shows in the agreement columns).
 
 Weights: random (seed 0), calibrated as in ``benchmarks/inference.py`` (FrozenBN statistics of
 the first image, the category bias shifted so that ``--candidates`` cells x classes pass
@@ -54,7 +55,7 @@ from common import (  # noqa: E402
 IMPLEMENTATIONS = ("official", "ours")
 # Exported models (``tools/export_model.py``'s ``export_model``, ONNX), loaded with
 # ``solov2_d2.export.load_exported`` and called like the model.
-EXPORTED = ("onnxruntime", "openvino")
+EXPORTED = ("onnxruntime", "openvino", "openvino-bf16")
 SAVED_IMAGES = 2
 _ALLOCATOR_SWITCH = "SOLOV2_D2_RETAIN_FREED_MEMORY"
 
@@ -82,7 +83,8 @@ def _child(args) -> None:
     if args.child in EXPORTED:
         from solov2_d2.export import load_exported
 
-        exported = load_exported(args.exported, backend=args.child)
+        backend, _, precision = args.child.partition("-")
+        exported = load_exported(args.exported, backend=backend, precision=precision or "f32")
 
         def predict(image_input):
             return exported([image_input])
