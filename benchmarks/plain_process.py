@@ -61,9 +61,9 @@ _ALLOCATOR_SWITCH = "SOLOV2_D2_RETAIN_FREED_MEMORY"
 
 
 # ------------------------------------------------------------------------------------ child
-def _child(args) -> None:
-    """One implementation in this (fresh) process; writes the timings and predictions."""
-    sys.path.insert(0, ROOT)
+def _load_model(config_file, weights):
+    """The standard API and nothing else: ``build_model``, ``DetectionCheckpointer.load``,
+    ``eval``. Returns (cfg, model)."""
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
@@ -72,15 +72,20 @@ def _child(args) -> None:
 
     cfg = get_cfg()
     add_solov2_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.MODEL.WEIGHTS = args.weights
+    cfg.merge_from_file(config_file)
+    cfg.MODEL.WEIGHTS = weights
     cfg.MODEL.DEVICE = "cpu"
     model = build_model(cfg)
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    model.eval()
+    return cfg, model.eval()
+
+
+def _child(args) -> None:
+    """One implementation in this (fresh) process; writes the timings and predictions."""
+    sys.path.insert(0, ROOT)
     inputs = torch.load(args.inputs)
 
-    if args.child in EXPORTED:
+    if args.child in EXPORTED:  # the deployment path: no PyTorch model in the process
         from solov2_d2.export import load_exported
 
         backend, _, precision = args.child.partition("-")
@@ -90,6 +95,7 @@ def _child(args) -> None:
             return exported([image_input])
 
     elif args.child == "ours":
+        _, model = _load_model(args.config_file, args.weights)
 
         def predict(image_input):
             with torch.no_grad():
@@ -98,6 +104,8 @@ def _child(args) -> None:
     else:
         from common import staged_inference
         from official_style import official_style_postprocess
+
+        _, model = _load_model(args.config_file, args.weights)
 
         def predict(image_input):
             with torch.no_grad():
@@ -149,19 +157,9 @@ def _prepare(name, config_file, candidates, directory):
 
 
 def _export(name, config_file, weights, directory):
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.config import get_cfg
-    from detectron2.modeling import build_model
-
-    from solov2_d2 import add_solov2_config
     from solov2_d2.export import export_model
 
-    cfg = get_cfg()
-    add_solov2_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.MODEL.DEVICE = "cpu"
-    model = build_model(cfg).eval()
-    DetectionCheckpointer(model).load(weights)
+    cfg, model = _load_model(config_file, weights)
     return export_model(cfg, model, os.path.join(directory, name + "_onnx"), "onnx")
 
 
@@ -289,7 +287,7 @@ def main():
                         f"- {name} {impl}: {ours / median:.2f}x ours end to end (target >= 1.5x "
                         f"with the same detections: {met})."
                     )
-            speedup = baseline / statistics.median(per_image["ours"])
+            speedup = baseline / ours
             if name == "R50-FPN":
                 met = "met" if speedup >= 2.5 and agreement["identical"] else "NOT met"
                 lines.append(
