@@ -49,7 +49,8 @@ def add_solov2_config(cfg):
     _C.MODEL.SOLOV2.NUM_CLASSES = 80
     # Length of each predicted dynamic kernel (= NUM_MASKS for 1x1 kernels, paper Sec. 3.2).
     _C.MODEL.SOLOV2.NUM_KERNELS = 256
-    # Normalization in the heads: "GN" (32 groups), or "" / "none" (the convs get biases).
+    # Normalization in the heads: "GN" (32 groups), "BN" (per level in the shared kernel-head
+    # towers), or "" / "none" (the convs get biases).
     _C.MODEL.SOLOV2.NORM = "GN"
     # Append normalized (x, y) coordinates to the kernel branch input (CoordConv).
     _C.MODEL.SOLOV2.USE_COORD_CONV = True

@@ -21,9 +21,11 @@ from torch import nn
 
 from .layers import (
     append_coordinates,
+    check_head_norm,
     check_in_channels_key,
     conv_norm_relu,
     init_conv_weights,
+    run_tower,
     select_features,
 )
 
@@ -75,6 +77,7 @@ def _conv_tower(
     norm: str,
     type_dcn: Optional[str],
     dcn_convs: str,
+    num_levels: int,
 ) -> nn.Sequential:
     layers = []
     for i in range(num_convs):
@@ -85,6 +88,7 @@ def _conv_tower(
             3,
             norm,
             type_dcn=type_dcn if deformable else None,
+            num_levels=num_levels,
         )
     return nn.Sequential(*layers)
 
@@ -126,7 +130,8 @@ class SOLOv2KernelHead(nn.Module):
             num_grids: S of each level.
             num_classes: outputs of the category branch (sigmoid per class, no background).
             num_kernels: length of each dynamic kernel (E for 1x1 kernels over E mask channels).
-            norm: "GN" or "" (no normalization, convs get biases).
+            norm: "GN", "BN" (one BatchNorm per level in the shared towers,
+                ``LevelBatchNorm2d``) or "" (no normalization, convs get biases).
             use_coord_conv: append normalized coordinates to the kernel branch input.
             prior_prob: initial foreground probability of the category branch (focal loss init).
             type_dcn: None (plain convs), or "DCN" / "DCNv2" for deformable v1 / v2 tower convs.
@@ -134,8 +139,7 @@ class SOLOv2KernelHead(nn.Module):
                 "last" (``DCN_INSTANCE_CONVS``).
         """
         super().__init__()
-        if norm not in ("GN", ""):
-            raise ValueError("MODEL.SOLOV2.NORM must be 'GN' or '' (none), got {!r}".format(norm))
+        check_head_norm(norm)
         if dcn_convs not in DCN_INSTANCE_CONVS:
             raise ValueError(
                 "MODEL.SOLOV2.DCN_INSTANCE_CONVS must be 'all' or 'last', got {!r}".format(
@@ -167,8 +171,9 @@ class SOLOv2KernelHead(nn.Module):
         (in_channels,) = level_channels
         self.use_coord_conv = use_coord_conv
         kernel_in = in_channels + 2 if use_coord_conv else in_channels
-        self.cate_tower = _conv_tower(in_channels, channels, num_convs, norm, type_dcn, dcn_convs)
-        self.kernel_tower = _conv_tower(kernel_in, channels, num_convs, norm, type_dcn, dcn_convs)
+        tower_args = (channels, num_convs, norm, type_dcn, dcn_convs, len(self.in_features))
+        self.cate_tower = _conv_tower(in_channels, *tower_args)
+        self.kernel_tower = _conv_tower(kernel_in, *tower_args)
         self.cate_pred = nn.Conv2d(channels, num_classes, 3, padding=1)
         self.kernel_pred = nn.Conv2d(channels, num_kernels, 3, padding=1)
 
@@ -217,7 +222,8 @@ class SOLOv2KernelHead(nn.Module):
             kernel_preds: per level (N, num_kernels, S, S).
         """
         category_logits, kernel_preds = [], []
-        for feature, num_grid in zip(self.instance_features(features), self.num_grids):
+        levels = zip(self.instance_features(features), self.num_grids)
+        for level, (feature, num_grid) in enumerate(levels):
             if self.use_coord_conv:
                 feature = append_coordinates(feature)
             # One resize for both branches: the category branch drops the coordinate channels.
@@ -225,6 +231,8 @@ class SOLOv2KernelHead(nn.Module):
                 feature, size=(num_grid, num_grid), mode="bilinear", align_corners=False
             )
             category_feature = grid_feature[:, :-2] if self.use_coord_conv else grid_feature
-            kernel_preds.append(self.kernel_pred(self.kernel_tower(grid_feature)))
-            category_logits.append(self.cate_pred(self.cate_tower(category_feature)))
+            kernel_preds.append(self.kernel_pred(run_tower(self.kernel_tower, grid_feature, level)))
+            category_logits.append(
+                self.cate_pred(run_tower(self.cate_tower, category_feature, level))
+            )
         return category_logits, kernel_preds

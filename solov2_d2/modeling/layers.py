@@ -40,19 +40,60 @@ def append_coordinates(features: torch.Tensor) -> torch.Tensor:
     return torch.cat([features, coords], dim=1)
 
 
+HEAD_NORMS = ("GN", "BN", "")
+"""The values of ``MODEL.SOLOV2.NORM`` the heads build (after ``"none"`` is read as ``""``)."""
+
+
+def check_head_norm(norm: str) -> None:
+    if norm not in HEAD_NORMS:
+        raise ValueError(
+            "MODEL.SOLOV2.NORM must be 'GN', 'BN' or '' / 'none' (no normalization), got "
+            "{!r}".format(norm)
+        )
+
+
+class LevelBatchNorm2d(nn.Module):
+    """One ``BatchNorm2d`` per FPN level, for a conv tower that all levels share.
+
+    The kernel head runs the same tower on every level's grid; one BatchNorm for all of them
+    would train on each level's statistics in turn and keep their running mixture for inference,
+    which fits no level. As AdelaiDet's FCOS head with BN, each level gets its own statistics and
+    affine parameters while the convs stay shared. ``forward`` takes the level's index."""
+
+    def __init__(self, num_channels: int, num_levels: int):
+        super().__init__()
+        self.levels = nn.ModuleList(nn.BatchNorm2d(num_channels) for _ in range(num_levels))
+
+    def forward(self, x: torch.Tensor, level: int) -> torch.Tensor:
+        return self.levels[level](x)
+
+
+def run_tower(tower: nn.Sequential, x: torch.Tensor, level: int) -> torch.Tensor:
+    """``tower(x)`` for the FPN level ``level``: its ``LevelBatchNorm2d`` layers use that level's
+    statistics."""
+    for layer in tower:
+        x = layer(x, level) if isinstance(layer, LevelBatchNorm2d) else layer(x)
+    return x
+
+
 def conv_norm_relu(
     in_channels: int,
     out_channels: int,
     kernel_size: int,
     norm: str,
     type_dcn: Optional[str] = None,
+    num_levels: int = 1,
 ) -> List[nn.Module]:
-    """[conv, GroupNorm(32) if norm == "GN", ReLU]: the heads' basic block. A list, so that towers
-    can be flat ``nn.Sequential``s whose indices match the official checkpoints' key names.
+    """[conv, norm, ReLU]: the heads' basic block. A list, so that towers can be flat
+    ``nn.Sequential``s whose indices match the official checkpoints' key names.
 
-    ``type_dcn`` ("DCN" or "DCNv2", ``MODEL.SOLOV2.TYPE_DCN``) makes the conv deformable
-    (``DeformConvPack``, v1 or v2) at the same index, as mmdet's and the official SOLO's
-    ``ConvModule`` with a DCN ``conv_cfg``: its keys are the conv's plus ``conv_offset.*``."""
+    ``norm``: "GN" (GroupNorm, 32 groups, the paper's heads), "BN" (BatchNorm; with
+    ``num_levels > 1`` a ``LevelBatchNorm2d``, for a block shared by that many FPN levels), or ""
+    (none: the conv gets a bias). ``type_dcn`` ("DCN" or "DCNv2", ``MODEL.SOLOV2.TYPE_DCN``) makes
+    the conv deformable (``DeformConvPack``, v1 or v2) at the same index, as mmdet's and the
+    official SOLO's ``ConvModule`` with a DCN ``conv_cfg``: its keys are the conv's plus
+    ``conv_offset.*``."""
+    check_head_norm(norm)
     padding = kernel_size // 2
     if type_dcn is None:
         conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=not norm)
@@ -68,6 +109,12 @@ def conv_norm_relu(
     layers = [conv]
     if norm == "GN":
         layers.append(nn.GroupNorm(32, out_channels))
+    elif norm == "BN":
+        layers.append(
+            nn.BatchNorm2d(out_channels)
+            if num_levels == 1
+            else LevelBatchNorm2d(out_channels, num_levels)
+        )
     layers.append(nn.ReLU(inplace=True))
     return layers
 

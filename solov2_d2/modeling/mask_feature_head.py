@@ -18,6 +18,7 @@ from torch import nn
 
 from .layers import (
     append_coordinates,
+    check_head_norm,
     check_in_channels_key,
     conv_norm_relu,
     init_conv_weights,
@@ -48,15 +49,14 @@ class SOLOv2MaskFeatureHead(nn.Module):
                 finest level's stride (``output_stride``).
             channels: channels of the per-level branches.
             num_masks: E, the channels of the mask feature F.
-            norm: "GN" or "" (no normalization).
+            norm: "GN", "BN" or "" (no normalization).
             type_dcn: None (plain convs), or "DCN" / "DCNv2": every conv deformable (v1 / v2),
                 the 1x1 ``conv_pred`` included, as mmdet's MaskFeatModule with a DCN
                 ``conv_cfg`` (R101/X101-DCN) and the official SOLOv2 R101/X101-DCN
                 MaskFeatHead.
         """
         super().__init__()
-        if norm not in ("GN", ""):
-            raise ValueError("MODEL.SOLOV2.NORM must be 'GN' or '' (none), got {!r}".format(norm))
+        check_head_norm(norm)
         self.in_features = list(input_shape)
         if not self.in_features:
             raise ValueError("MODEL.SOLOV2.MASK_IN_FEATURES is empty")
