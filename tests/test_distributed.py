@@ -10,7 +10,8 @@ Why 2 processes x 1 image equal 1 process x 2 images here: every image is 64 x 6
 padding), so a one-process batch computes each image exactly as alone; GroupNorm everywhere (no
 BatchNorm statistics across a batch); the train loader gives rank r the global stream positions
 r, r + 2, ... with augmentations seeded by position, so the two ranks' batch j is the one-process
-batch j; the losses count positives over both ranks (MODEL.SOLOV2.LOSS.NORM_ACROSS_PROCESSES).
+batch j; the losses count positives over both ranks (MODEL.SOLOV2.LOSS.NORM_ACROSS_PROCESSES);
+the ranks convolve with PyTorch's per-image reference kernels, not oneDNN's (see ``_rank_main``).
 """
 
 import json
@@ -85,6 +86,11 @@ def _rank_main(args):
     spec = args.test_spec
     # The same thread count in every run: the reductions inside a kernel then split alike.
     torch.set_num_threads(1)
+    # PyTorch's own convolution (im2col + GEMM per image) instead of oneDNN's, whose blocking over
+    # a batch makes an image's activations differ in the last bits between a batch of 2 and of 1:
+    # where a ReLU or the stem's max-pool then flips (an activation at 0, a tie), the gradient
+    # moves by a whole term, not by rounding, and the comparison below would test the data.
+    torch.backends.mkldnn.enabled = False
     for dataset in spec["datasets"]:
         register_shapes_dataset(**dataset)
     if spec.get("nan_at_call"):

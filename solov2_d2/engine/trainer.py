@@ -175,8 +175,9 @@ class SOLOv2TrainerMixin:
             logger.info("SOLVER.AMP.ENABLED on the CPU: training steps run under bfloat16 autocast")
             if not _cpu_has_native_bfloat16():
                 logger.warning(
-                    "This CPU has no native bfloat16 (oneDNN reports none): bfloat16 steps may be "
-                    "slower than float32 here; SOLVER.AMP.ENABLED False trains in float32."
+                    "This CPU has no native bfloat16 (oneDNN reports none): bfloat16 is emulated "
+                    "here, and a step can be an order of magnitude slower than in float32 (README, "
+                    "Performance); SOLVER.AMP.ENABLED False trains in float32."
                 )
         self._use_solov2_checkpointer()
         self._loss_recorder = _LossRecorder()
