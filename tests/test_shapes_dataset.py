@@ -155,10 +155,12 @@ def test_sizes_are_varied(default_size_split):
         _, _, width, height = annotation["bbox"]
         long_sides.append(max(width, height))
         image_shares.append(max(width / image["width"], height / image["height"]))
-    assert min(long_sides) < 8  # smaller than a grid cell of the finest SOLOv2 levels
+    # Tiny objects are drawn 16-22 px long (TINY_OBJECT_EXTENT: below 16 px the classes cannot be
+    # told apart); occlusion and the image border may cut a visible box a little shorter.
+    assert 12 <= min(long_sides) < 19 and np.percentile(long_sides, 5) < 22
     assert max(image_shares) > 0.6
     # Not just a few outliers: the sizes spread over the whole range.
-    assert np.percentile(long_sides, 25) < 20 and np.percentile(image_shares, 90) > 0.3
+    assert np.percentile(long_sides, 25) < 30 and np.percentile(image_shares, 90) > 0.3
     assert len({a["category_id"] for a in coco.dataset["annotations"]}) == len(SHAPES_CLASSES)
 
 

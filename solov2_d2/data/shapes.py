@@ -2,8 +2,8 @@
 
 Why it exists: ``make demo`` trains SOLOv2 from scratch on a laptop-class CPU in minutes, which no
 real dataset allows. The images are still meant to be honest: several shape classes of widely
-varied size (from a few pixels, smaller than one grid cell, to most of the image), rotation,
-colour, texture and background, overlapping and occluding each other.
+varied size (from 16 px, the smallest at which the six classes can still be told apart, to most of
+the image), rotation, colour, texture and background, overlapping and occluding each other.
 
 What an image contains
     * Classes (``SHAPES_CLASSES``): ellipse, triangle, rectangle, star, hexagon, cross. Every
@@ -101,14 +101,16 @@ BUILTIN_SHAPES_DATASETS: Dict[str, Dict[str, object]] = {
 
 # Bump whenever the generated content changes, so that splits on disk written by an older
 # generator are regenerated instead of silently reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 MAX_OBJECTS_PER_IMAGE = 8
-# Long side of an object's box, in pixels: a share of tiny objects (below one grid cell of the
-# finest SOLOv2 level at ~160 px input), a share of objects spanning most of the image, and
-# log-uniform sizes in between.
+# Long side of an object's box, in pixels: a share of tiny objects, a share of objects spanning
+# most of the image, and log-uniform sizes in between. The smallest is 16 px: below it the classes
+# stop being shapes (tools/draw_shape_sizes.py: at 12 px a hexagon is an ellipse, a cross a
+# star; at 16 px the hexagon's corners and the arms of stars and crosses, 3-4 px wide, show).
+# Version 1 drew tiny objects of 5-12 px, which no one could classify.
 TINY_OBJECT_PROBABILITY = 0.15
-TINY_OBJECT_EXTENT = (5.0, 12.0)
+TINY_OBJECT_EXTENT = (16.0, 22.0)
 LARGE_OBJECT_PROBABILITY = 0.15
 LARGE_OBJECT_FRACTION = (0.5, 0.9)  # of the image's short side
 # Share of an object's box that may stick out of the image on each axis (objects cut by the border).
