@@ -11,7 +11,8 @@ image-size binary masks and boxes); the table gives, per image, the median of ea
 the totals over the timed runs, after a warm-up run (the first runs of a process create oneDNN
 primitives and are slower).
 
-Three forms of the same weights run in the same process, their timed runs interleaved:
+Three PyTorch forms of the same weights run in the same process, their timed runs interleaved
+(and the exported forms below, in the same loop):
 
 - official: the model as built (NCHW, FrozenBatchNorm2d after every backbone conv), run under
   ``torch.no_grad`` like Detectron2's evaluator, with ``official_style.official_style_postprocess``:
@@ -29,7 +30,15 @@ Three forms of the same weights run in the same process, their timed runs interl
   the CPU): faster convolutions, float rounding of a different order, so scores and masks may
   differ in the last bits and a detection at a threshold may flip (counted below).
 
-Both of our forms' predictions are compared with the official form's: number of instances, classes,
+Exported forms (``--backends``, default onnxruntime and openvino-f32; openvino-bf16 on request):
+the same calibrated model exported with ``solov2_d2.export.export_model`` to ONNX in a temporary
+folder, run through ``load_exported`` (ONNX Runtime, OpenVINO at f32 or bf16), timed in the same
+loop as the PyTorch forms. Their stages are "preprocess" (normalize + pad), "graph" (the whole
+exported graph: network, fixed-size postprocess, Matrix NMS) and "postprocess" (final upsample and
+boxes, the PyTorch model's own code); the graph takes one image per call, so at batch 4 it runs
+four times. A runtime that is not installed is skipped (printed).
+
+Every form's predictions are compared with the official form's: number of instances, classes,
 scores, masks (bitwise, or per-instance IoU and the largest score difference).
 
 Every form runs through ``common.staged_inference``: the model's own public pieces
@@ -75,9 +84,12 @@ colours, plus a little noise (seeds 0-3).
 
 import argparse
 import copy
+import functools
+import importlib
 import math
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -118,8 +130,15 @@ CONFIGS = {
     "Light-512": "configs/SOLOv2_Light_512_R50_3x.yaml",
 }
 ASPECT = 1216 / 800  # the benchmark images' width / height
-STAGES = ("preprocess", "backbone+FPN", "heads", "postprocess")
+STAGES = ("preprocess", "backbone+FPN", "heads", "graph", "postprocess")
 FORMS = ("official", "exact", "fast")
+# Exported form -> (load_exported backend, precision).
+EXPORTED_FORMS = {
+    "onnxruntime": ("onnxruntime", "f32"),
+    "openvino-f32": ("openvino", "f32"),
+    "openvino-bf16": ("openvino", "bf16"),
+}
+ALL_FORMS = FORMS + tuple(EXPORTED_FORMS)
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -183,13 +202,34 @@ def run_once(model, inputs, postprocess, context, device):
     return results, timer.times
 
 
-def run_images(model, inputs, batch, postprocess, context, device):
-    """All ``inputs``, ``batch`` images per forward call; returns (results, summed stage times)."""
+def run_exported_once(exported, inputs, device):
+    """An exported model (``load_exported``) on ``inputs``, one graph call per image, through its
+    public steps (``preprocess``, ``run_graph``, ``to_instances``, which its ``__call__`` is made
+    of), timed between them; returns (results, {stage: seconds})."""
+    timer = StageTimer(device)
+    results = []
+    for inputs_of_image in inputs:
+        image = inputs_of_image["image"]
+        tensor = exported.preprocess(image)
+        timer.mark("preprocess")
+        detections = exported.run_graph(tensor)
+        timer.mark("graph")
+        image_size = tuple(int(size) for size in image.shape[-2:])
+        output_size = (
+            int(inputs_of_image.get("height", image_size[0])),
+            int(inputs_of_image.get("width", image_size[1])),
+        )
+        results.append(exported.to_instances(detections, image_size, output_size))
+        timer.mark("postprocess")
+    return results, timer.times
+
+
+def run_images(runner, inputs, batch):
+    """All ``inputs``, ``batch`` images per call of ``runner`` (inputs -> (results, stage
+    times)); returns (results, summed stage times)."""
     results, times = [], {}
     for start in range(0, len(inputs), batch):
-        chunk_results, chunk_times = run_once(
-            model, inputs[start : start + batch], postprocess, context, device
-        )
+        chunk_results, chunk_times = runner(inputs[start : start + batch])
         results += chunk_results
         for stage, seconds in chunk_times.items():
             times[stage] = times.get(stage, 0.0) + seconds
@@ -268,7 +308,37 @@ def mask_statistics(results):
     return torch.cat(areas).median().item(), torch.cat(box_areas).median().item()
 
 
-def benchmark_config(name, config_file, args, device, rows, notes):
+def exported_forms(cfg, model, backends, device, check_inputs, export_dir, notes):
+    """[(form, runner)] of the requested exported backends that are installed; each runner is
+    checked once to give its ``load_exported`` model's own predictions bit for bit."""
+    if not backends:
+        return []
+    if device.type != "cpu":
+        notes.append("- exported backends: CPU only here, skipped on " + str(device))
+        return []
+    from solov2_d2.export import export_model, load_exported
+
+    path = None
+    forms = []
+    for form in backends:
+        backend, precision = EXPORTED_FORMS[form]
+        try:
+            importlib.import_module(backend)
+        except ImportError:
+            notes.append(f"- {form}: {backend} is not installed, skipped")
+            continue
+        if path is None:
+            path = export_model(cfg, copy.deepcopy(model), export_dir, "onnx")
+        exported = load_exported(path, backend=backend, precision=precision)
+        runner = functools.partial(run_exported_once, exported, device=device)
+        direct = exported(check_inputs)
+        staged, _ = runner(check_inputs)
+        assert compare(direct, staged)["bitwise"], f"run_exported_once differs from {form}"
+        forms.append((form, runner))
+    return forms
+
+
+def benchmark_config(name, config_file, args, device, rows, notes, export_dir):
     print(f"== {name}: {config_file}", file=sys.stderr, flush=True)
     cfg_probe = get_cfg()
     add_solov2_config(cfg_probe)
@@ -278,11 +348,15 @@ def benchmark_config(name, config_file, args, device, rows, notes):
     images = [synthetic_scene(height, width, seed)[0] for seed in range(num_images)]
     all_inputs = [{"image": image, "height": height, "width": width} for image in images]
     cfg, model, fast, shift = build_models(config_file, args.device, args.candidates, all_inputs[0])
-    forms = (
-        ("official", model, official_style_postprocess, torch.no_grad),
-        ("exact", model, postprocess_single_image, torch.inference_mode),
-        ("fast", fast, postprocess_single_image, torch.inference_mode),
-    )
+    forms = [
+        (form, functools.partial(run_once, net, postprocess=post, context=context, device=device))
+        for form, net, post, context in (
+            ("official", model, official_style_postprocess, torch.no_grad),
+            ("exact", model, postprocess_single_image, torch.inference_mode),
+            ("fast", fast, postprocess_single_image, torch.inference_mode),
+        )
+    ]
+    forms += exported_forms(cfg, model, args.backends, device, all_inputs[:1], export_dir, notes)
     candidates = count_candidates(model, all_inputs)
 
     # The stage-by-stage runner must be the model's forward: check once, bitwise.
@@ -302,22 +376,20 @@ def benchmark_config(name, config_file, args, device, rows, notes):
     # Every batch size processes the same images (batch 1: one call per image), so that the
     # per-image costs compare the same work.
     for batch in args.batch_sizes:
-        runs = {form: [] for form, *_ in forms}
+        runs = {form: [] for form, _ in forms}
         outputs = {}
         for _ in range(args.warmup):
-            for form, model, postprocess, context in forms:
-                run_images(model, all_inputs, batch, postprocess, context, device)
+            for form, runner in forms:
+                run_images(runner, all_inputs, batch)
         for repeat in range(args.runs):
-            for form, model, postprocess, context in forms:
-                outputs[form], times = run_images(
-                    model, all_inputs, batch, postprocess, context, device
-                )
+            for form, runner in forms:
+                outputs[form], times = run_images(runner, all_inputs, batch)
                 runs[form].append(times)
             print(f"   batch {batch}: run {repeat + 1}/{args.runs}", file=sys.stderr, flush=True)
         agreement = {form: compare(outputs["official"], outputs[form]) for form in outputs}
-        for form, model, postprocess, context in forms:
+        for form, runner in forms:
             with PeakMemory(device) as memory:
-                run_once(model, all_inputs[:batch], postprocess, context, device)
+                runner(all_inputs[:batch])
             per_image = {k: v / num_images for k, v in medians_ms(runs[form]).items()}
             rows.append(
                 dict(
@@ -343,7 +415,7 @@ def latency_table(rows):
         ms = row["ms"]
         body.append(
             [row["config"], row["size"], row["batch"], row["form"]]
-            + [f"{ms[s]:.0f}" for s in STAGES]
+            + [f"{ms[s]:.0f}" if s in ms else "-" for s in STAGES]
             + [
                 f"{ms['total']:.0f}",
                 f"{100 * ms['postprocess'] / ms['total']:.1f}%",
@@ -358,7 +430,7 @@ def pairs(rows):
     by_key = {(r["config"], r["batch"], r["form"]): r for r in rows}
     for (config, batch, form), row in by_key.items():
         if form == "official":
-            for other in FORMS[1:]:
+            for other in ALL_FORMS[1:]:
                 if (config, batch, other) in by_key:
                     yield row, by_key[(config, batch, other)]
 
@@ -375,6 +447,10 @@ def verdict(agreement) -> str:
     if agreement["swapped"]:
         text += f", {agreement['swapped']} swapped ranks"
     return f"{text} ({agreement['instances']} instances)"
+
+
+def _ratio(a, b, stage) -> str:
+    return f"{a[stage] / b[stage]:.2f}x" if stage in a and stage in b else "-"
 
 
 def speedup_table(rows):
@@ -399,8 +475,8 @@ def speedup_table(rows):
                 baseline["batch"],
                 other["form"],
                 f"{a['total'] / b['total']:.2f}x",
-                f"{a['backbone+FPN'] / b['backbone+FPN']:.2f}x",
-                f"{a['heads'] / b['heads']:.2f}x",
+                _ratio(a, b, "backbone+FPN"),
+                _ratio(a, b, "heads"),
                 f"{a['postprocess'] / b['postprocess']:.1f}x",
                 verdict(agreement),
                 f"{agreement['max_score_diff']:.1e}",
@@ -445,7 +521,19 @@ def target_lines(rows):
                 f"ms (target <= 10%: {'met' if share <= 0.10 else 'NOT met'})."
             )
     for config in CONFIGS:
-        for form in FORMS:
+        exact = by_key.get((config, 1, "exact"))
+        for form in EXPORTED_FORMS:
+            row = by_key.get((config, 1, form))
+            if exact and row:
+                speedup = exact["ms"]["total"] / row["ms"]["total"]
+                agreement = row["agreement"]
+                lines.append(
+                    f"- {config}, batch 1, {form}: {speedup:.2f}x the exact PyTorch form end to "
+                    f"end (target >= 1.5x with the same detections: "
+                    f"{'met' if speedup >= 1.5 and agreement['identical'] else 'NOT met'}; "
+                    f"vs official: {verdict(agreement)})."
+                )
+        for form in ALL_FORMS:
             one, four = by_key.get((config, 1, form)), by_key.get((config, 4, form))
             if one and four:
                 per_one, per_four = one["ms"]["total"], four["ms"]["total"]
@@ -467,12 +555,12 @@ def plot(rows, path):
     figure, axes = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
     left = [0.0] * len(rows)
     for stage in STAGES:
-        widths = [r["ms"][stage] for r in rows]
+        widths = [r["ms"].get(stage, 0.0) for r in rows]
         axes.barh(labels, widths, left=left, label=stage)
         left = [a + b for a, b in zip(left, widths)]
     axes.invert_yaxis()
     axes.set_xlabel("median time per image (ms)")
-    axes.set_title("SOLOv2 inference: the official form, our exact and fast forms")
+    axes.set_title("SOLOv2 inference: the official form, our forms, exported backends")
     axes.legend(loc="lower right", fontsize="small")
     axes.grid(True, axis="x", alpha=0.3)
     figure.tight_layout()
@@ -491,6 +579,13 @@ def main():
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--quick", action="store_true", help="smoke run: batch 1, 1 timed run")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument(
+        "--backends",
+        nargs="*",
+        default=["onnxruntime", "openvino-f32"],
+        choices=list(EXPORTED_FORMS),
+        help="exported forms to time beside the PyTorch ones (none: give the flag alone)",
+    )
     add_malloc_option(parser)
     args = parser.parse_args()
     allocator_note = apply_malloc_option(args)
@@ -506,8 +601,11 @@ def main():
     print(header, flush=True)
     start = time.time()
     rows, notes = [], []
-    for name in args.configs:
-        benchmark_config(name, os.path.join(ROOT, CONFIGS[name]), args, device, rows, notes)
+    with tempfile.TemporaryDirectory(prefix="solov2_inference_") as export_root:
+        for name in args.configs:
+            config_file = os.path.join(ROOT, CONFIGS[name])
+            export_dir = os.path.join(export_root, name)
+            benchmark_config(name, config_file, args, device, rows, notes, export_dir)
     end_load = load_average()
     num_images = max(args.batch_sizes)
 

@@ -158,6 +158,24 @@ class ExportedSOLOv2:
             )
         return batch.contiguous()
 
+    def run_graph(self, tensor: torch.Tensor) -> FixedSizeDetections:
+        """The exported graph on one ``preprocess``-ed image: its fixed-size outputs."""
+        return FixedSizeDetections(*[torch.as_tensor(np.asarray(o)) for o in self._run(tensor)])
+
+    def to_instances(self, detections: FixedSizeDetections, image_size, output_size) -> Dict:
+        """The graph's outputs -> ``{"instances": Instances, "overflow": bool}`` at
+        ``output_size``, with the PyTorch model's final upsample and tight boxes."""
+        overflow = bool(detections.overflow)
+        if overflow:
+            logger.warning(
+                "%s: more than %d candidates passed SCORE_THR; the detections may differ "
+                "from the PyTorch model's (export with a larger --max-candidates)",
+                self.path,
+                self.metadata["max_candidates"],
+            )
+        instances = instances_from_fixed_size(detections, image_size, output_size, self.params)
+        return {"instances": instances, "overflow": overflow}
+
     def __call__(self, batched_inputs: List[Dict]) -> List[Dict]:
         results = []
         for inputs in batched_inputs:
@@ -168,18 +186,7 @@ class ExportedSOLOv2:
                 int(inputs.get("height", image_size[0])),
                 int(inputs.get("width", image_size[1])),
             )
-            outputs = [torch.as_tensor(np.asarray(o)) for o in self._run(tensor)]
-            detections = FixedSizeDetections(*outputs)
-            overflow = bool(detections.overflow)
-            if overflow:
-                logger.warning(
-                    "%s: more than %d candidates passed SCORE_THR; the detections may differ "
-                    "from the PyTorch model's (export with a larger --max-candidates)",
-                    self.path,
-                    self.metadata["max_candidates"],
-                )
-            instances = instances_from_fixed_size(detections, image_size, output_size, self.params)
-            results.append({"instances": instances, "overflow": overflow})
+            results.append(self.to_instances(self.run_graph(tensor), image_size, output_size))
         return results
 
 
