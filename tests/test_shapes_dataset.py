@@ -170,12 +170,52 @@ def test_objects_occlude_each_other(default_size_split):
     occluded = 0
     for index in range(20):
         rng = np.random.default_rng(np.random.SeedSequence(0, spawn_key=(index,)))
-        _, instances = shapes._generate_image(rng, 160, 160)
+        _, instances = shapes._generate_image(rng, 160, 160, 1, 8)
         for instance in instances:
             visible, unoccluded = int(instance.visible.sum()), int(instance.unoccluded.sum())
             assert shapes.MIN_VISIBLE_FRACTION * unoccluded <= visible <= unoccluded
             occluded += visible < unoccluded
     assert occluded >= 5
+
+
+def _objects_per_image(coco):
+    counts = {image_id: 0 for image_id in coco.getImgIds()}
+    for annotation in coco.dataset["annotations"]:
+        counts[annotation["image_id"]] += 1
+    return sorted(counts.values())
+
+
+def test_object_count_range(tmp_path):
+    # One object asked for: exactly one placed (a single object always fits, the generator
+    # retries until an image has one).
+    one = _load(
+        generate_shapes_split(str(tmp_path / "one"), "train", 8, 2, min_objects=1, max_objects=1)
+    )
+    assert _objects_per_image(one) == [1] * 8
+    # Six asked for in every image: never more, and mostly all of them (some may not fit).
+    six = _load(
+        generate_shapes_split(str(tmp_path / "six"), "train", 8, 2, min_objects=6, max_objects=6)
+    )
+    counts = _objects_per_image(six)
+    assert max(counts) == 6 and min(counts) >= 1 and sum(counts) >= 6 * 8 * 0.75
+    info = six.dataset["info"]["solov2_shapes"]
+    assert (info["min_objects"], info["max_objects"]) == (6, 6)
+    # Defaults: 1 to 8 (the val split's range).
+    default = _load(_gen(tmp_path / "default", 2, num_images=8))
+    assert default.dataset["info"]["solov2_shapes"]["max_objects"] == 8
+    for low, high in ((0, 3), (5, 4)):
+        with pytest.raises(ValueError, match="min_objects"):
+            generate_shapes_split(
+                str(tmp_path / "bad"), "train", 2, 0, min_objects=low, max_objects=high
+            )
+
+
+def test_builtin_train_split_is_denser_than_val():
+    train = shapes.BUILTIN_SHAPES_DATASETS["solov2_shapes_train"]
+    val = shapes.BUILTIN_SHAPES_DATASETS["solov2_shapes_val"]
+    assert (train["min_objects"], train["max_objects"]) == (3, 14)
+    assert "min_objects" not in val and "max_objects" not in val  # the defaults, 1 to 8
+    assert (shapes.MIN_OBJECTS_PER_IMAGE, shapes.MAX_OBJECTS_PER_IMAGE) == (1, 8)
 
 
 def test_registration_loads_detectron2_dicts(tmp_path, isolate_dataset_names):

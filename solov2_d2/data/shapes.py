@@ -13,8 +13,10 @@ What an image contains
       shape. About a third of the instances are textured (stripes, checkerboard or noise).
     * Backgrounds are flat, a gradient, or smooth noise, with faint blurred patches that are not
       objects, and the whole image gets mild pixel noise and sometimes a slight blur.
-    * 1 to 8 objects per image. Later objects are painted over earlier ones; every annotation
-      describes the VISIBLE region of its object.
+    * A number of objects per image drawn uniformly from the split's range (``min_objects`` to
+      ``max_objects``; 1 to 8 by default, see ``BUILTIN_SHAPES_DATASETS`` for the built-in
+      splits); an object that cannot be placed by the rules below is left out. Later objects are
+      painted over earlier ones; every annotation describes the VISIBLE region of its object.
 
 How the annotations stay exact
     A placement is resampled when it would leave any object (earlier ones or itself) with a visible
@@ -94,7 +96,15 @@ SHAPES_ROOT_ENV = "SOLOV2_SHAPES_ROOT"
 DEFAULT_SHAPES_ROOT = os.path.join("datasets", "solov2_shapes")
 
 BUILTIN_SHAPES_DATASETS: Dict[str, Dict[str, object]] = {
-    "solov2_shapes_train": {"split": "train", "num_images": 1000, "seed": 0},
+    # Denser scenes than val, as copy-paste augmentation makes them: the same objects and rules,
+    # more of them per image, so a training step of the same cost sees ~2x the instances.
+    "solov2_shapes_train": {
+        "split": "train",
+        "num_images": 1000,
+        "seed": 0,
+        "min_objects": 3,
+        "max_objects": 14,
+    },
     "solov2_shapes_val": {"split": "val", "num_images": 100, "seed": 1},
 }
 """Datasets registered by ``register_builtin_shapes``: name -> split parameters."""
@@ -103,6 +113,8 @@ BUILTIN_SHAPES_DATASETS: Dict[str, Dict[str, object]] = {
 # generator are regenerated instead of silently reused.
 GENERATOR_VERSION = 2
 
+# Default range of the number of objects drawn per image (a split may ask for another).
+MIN_OBJECTS_PER_IMAGE = 1
 MAX_OBJECTS_PER_IMAGE = 8
 # Long side of an object's box, in pixels: a share of tiny objects, a share of objects spanning
 # most of the image, and log-uniform sizes in between. The smallest is 16 px: below it the classes
@@ -504,12 +516,12 @@ def _try_place(
 
 
 def _generate_image(
-    rng: np.random.Generator, height: int, width: int
+    rng: np.random.Generator, height: int, width: int, min_objects: int, max_objects: int
 ) -> Tuple[np.ndarray, List[_Instance]]:
     """An RGB uint8 image and its instances, in painting order."""
     background = _render_background(rng, height, width)
     canvas = background.copy()
-    num_objects = int(rng.integers(1, MAX_OBJECTS_PER_IMAGE + 1))
+    num_objects = int(rng.integers(min_objects, max_objects + 1))
     plans = [
         (int(rng.integers(len(SHAPES_CLASSES))), _sample_extent(rng, min(height, width)))
         for _ in range(num_objects)
@@ -555,6 +567,8 @@ class _SplitSpec:
     seed: int
     min_side: int
     max_side: int
+    min_objects: int = MIN_OBJECTS_PER_IMAGE
+    max_objects: int = MAX_OBJECTS_PER_IMAGE
 
     @property
     def json_file(self) -> str:
@@ -589,24 +603,42 @@ def _write_atomically(path: str, data: bytes) -> None:
         raise
 
 
-def _check_split_args(split: str, num_images: int, min_side: int, max_side: int) -> None:
+def _check_split_args(
+    split: str,
+    num_images: int,
+    min_side: int,
+    max_side: int,
+    min_objects: int = MIN_OBJECTS_PER_IMAGE,
+    max_objects: int = MAX_OBJECTS_PER_IMAGE,
+) -> None:
     if not split or os.sep in split or split.startswith("."):
         raise ValueError(f"split must be a plain folder name, got {split!r}")
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     if not 32 <= min_side <= max_side:
         raise ValueError(f"Need 32 <= min_side <= max_side, got {min_side} and {max_side}")
+    if not 1 <= min_objects <= max_objects:
+        raise ValueError(
+            f"Need 1 <= min_objects <= max_objects, got {min_objects} and {max_objects}"
+        )
 
 
 def generate_shapes_split(
-    root: str, split: str, num_images: int, seed: int, min_side: int = 128, max_side: int = 192
+    root: str,
+    split: str,
+    num_images: int,
+    seed: int,
+    min_side: int = 128,
+    max_side: int = 192,
+    min_objects: int = MIN_OBJECTS_PER_IMAGE,
+    max_objects: int = MAX_OBJECTS_PER_IMAGE,
 ) -> str:
     """Generates one split and returns the path of its COCO JSON.
 
     Writes ``<root>/<split>/<index:06d>.png`` and ``<root>/annotations/instances_<split>.json``,
     overwriting what is there; the JSON comes last and atomically. Deterministic: image ``i``
-    depends only on ``(seed, i, min_side, max_side)``, and the files are byte-identical for the
-    same parameters.
+    depends only on ``(seed, i)`` and the side and object ranges, and the files are
+    byte-identical for the same parameters.
 
     Args:
         root: dataset folder (created if needed).
@@ -614,9 +646,20 @@ def generate_shapes_split(
         num_images: number of images (>= 1); every image has at least one object.
         seed: seed of the split.
         min_side, max_side: each image's height and width are drawn uniformly from this range.
+        min_objects, max_objects: the number of objects to place in an image is drawn uniformly
+            from this range (fewer are placed where the occlusion rules leave no room).
     """
-    _check_split_args(split, num_images, min_side, max_side)
-    spec = _SplitSpec(os.path.abspath(root), split, int(num_images), int(seed), min_side, max_side)
+    _check_split_args(split, num_images, min_side, max_side, min_objects, max_objects)
+    spec = _SplitSpec(
+        os.path.abspath(root),
+        split,
+        int(num_images),
+        int(seed),
+        min_side,
+        max_side,
+        int(min_objects),
+        int(max_objects),
+    )
     os.makedirs(spec.image_root, exist_ok=True)
     os.makedirs(os.path.dirname(spec.json_file), exist_ok=True)
     start = time.perf_counter()
@@ -625,7 +668,7 @@ def generate_shapes_split(
         rng = np.random.default_rng(np.random.SeedSequence(spec.seed, spawn_key=(index,)))
         height = int(rng.integers(min_side, max_side + 1))
         width = int(rng.integers(min_side, max_side + 1))
-        image, instances = _generate_image(rng, height, width)
+        image, instances = _generate_image(rng, height, width, spec.min_objects, spec.max_objects)
         file_name = f"{index:06d}.png"
         encoded, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
         if not encoded:
@@ -702,7 +745,14 @@ def _ensure_split(spec: _SplitSpec) -> str:
         if os.path.exists(spec.json_file):
             logger.warning("Regenerating %s: other parameters or missing images", spec.json_file)
         generate_shapes_split(
-            spec.root, spec.split, spec.num_images, spec.seed, spec.min_side, spec.max_side
+            spec.root,
+            spec.split,
+            spec.num_images,
+            spec.seed,
+            spec.min_side,
+            spec.max_side,
+            spec.min_objects,
+            spec.max_objects,
         )
     return spec.json_file
 
@@ -726,6 +776,8 @@ def register_shapes_dataset(
     seed: int = 0,
     min_side: int = 128,
     max_side: int = 192,
+    min_objects: int = MIN_OBJECTS_PER_IMAGE,
+    max_objects: int = MAX_OBJECTS_PER_IMAGE,
 ) -> None:
     """Registers a shapes split in Detectron2's DatasetCatalog and MetadataCatalog.
 
@@ -738,12 +790,20 @@ def register_shapes_dataset(
     Args:
         name: dataset name.
         root: dataset folder; ``None`` resolves as in ``resolve_shapes_root``, at call time.
-        split, num_images, seed, min_side, max_side: as in ``generate_shapes_split``. Datasets
-            that share a root must not share a split name unless their parameters are equal.
+        split, num_images, seed, min_side, max_side, min_objects, max_objects: as in
+            ``generate_shapes_split``. Datasets that share a root must not share a split name
+            unless their parameters are equal.
     """
-    _check_split_args(split, num_images, min_side, max_side)
+    _check_split_args(split, num_images, min_side, max_side, min_objects, max_objects)
     spec = _SplitSpec(
-        resolve_shapes_root(root), split, int(num_images), int(seed), min_side, max_side
+        resolve_shapes_root(root),
+        split,
+        int(num_images),
+        int(seed),
+        min_side,
+        max_side,
+        int(min_objects),
+        int(max_objects),
     )
     if name in DatasetCatalog:
         if _REGISTERED_SPECS.get(name) == spec:
@@ -778,7 +838,8 @@ def ensure_generated(name: str) -> str:
 
 
 def register_builtin_shapes(root: Optional[str] = None) -> None:
-    """Registers "solov2_shapes_train" (1000 images, seed 0) and "solov2_shapes_val" (100 images,
-    seed 1) under the root (see ``resolve_shapes_root``). Calling it again is harmless."""
+    """Registers "solov2_shapes_train" (1000 images, seed 0, 3 to 14 objects drawn per image) and
+    "solov2_shapes_val" (100 images, seed 1, 1 to 8) under the root (see
+    ``resolve_shapes_root``). Calling it again is harmless."""
     for name, params in BUILTIN_SHAPES_DATASETS.items():
         register_shapes_dataset(name, root=root, **params)
