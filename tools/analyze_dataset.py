@@ -370,6 +370,10 @@ def main(argv=None) -> int:
         )
         for reason in reasons:
             print("  - " + reason)
+        print(
+            "  (a starting point from the object sizes, not a trained result: on the built-in "
+            "shapes data the demo's own grids scored higher, see the README)"
+        )
         with_suggestion = suggested_settings(settings, grids, ranges)
         print("\nwith the suggestion:")
         print(format_report(args.dataset, with_suggestion, analyze(records, with_suggestion)))
