@@ -42,15 +42,11 @@ def test_adamw_is_fused_and_steps_like_the_per_parameter_loop():
     # the weights agree to float rounding (a fused kernel orders the arithmetic differently).
     reference_model = build_model(cfg)
     reference_model.load_state_dict(model.state_dict())
-    groups = [
-        {**{k: v for k, v in g.items() if k != "params"}, "params": g["params"]}
-        for g in optimizer.param_groups
-    ]
     names = {id(p): n for n, p in model.named_parameters()}
     reference_params = dict(reference_model.named_parameters())
     reference_groups = [
         {**g, "fused": False, "params": [reference_params[names[id(p)]] for p in g["params"]]}
-        for g in groups
+        for g in optimizer.param_groups
     ]
     reference = torch.optim.AdamW(reference_groups, lr=1e-3, weight_decay=0.05)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}

@@ -37,8 +37,9 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
 
 def _can_fuse(model: torch.nn.Module) -> bool:
     """PyTorch's fused AdamW (one kernel over all parameters) where it exists: the same update
-    to float rounding (1 ulp) and ~4x faster than the per-parameter loop, which on the CPU demo's
-    small model was ~10% of a step. Its devices: CPU and CUDA, floating-point parameters."""
+    to float rounding (1 ulp), faster than the per-parameter loop, whose cost matters on small
+    models such as the CPU demo's (README, Results). Its devices: CPU and CUDA, floating-point
+    parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
     return bool(params) and all(
         p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params
