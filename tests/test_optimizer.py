@@ -3,6 +3,7 @@ import torch
 from detectron2.modeling import build_model
 
 from solov2_d2.engine import build_optimizer
+from solov2_d2.engine.optimizer import _add_gradient_clipping, clip_each_gradient_norm_
 
 from .conftest import tiny_cfg
 
@@ -62,6 +63,69 @@ def test_adamw_is_fused_and_steps_like_the_per_parameter_loop():
         torch.testing.assert_close(p, reference_params[name], rtol=1e-5, atol=1e-7)
         # every parameter had a gradient, so every one moved (the comparison is not vacuous)
         assert not torch.equal(p, before[name]), name
+
+
+def _gradients_to_clip(generator):
+    """Parameters whose gradient norms lie on both sides of 35 (Base-SOLOv2's CLIP_VALUE), in
+    two dtypes, one without a gradient and one with a zero gradient."""
+    params = []
+    for shape, scale, dtype in [
+        ((64, 66, 3, 3), 1.0, torch.float32),  # norm ~230: clipped
+        ((64,), 0.1, torch.float32),  # norm ~0.8: kept
+        ((7, 5), 20.0, torch.float32),  # norm ~120: clipped
+        ((1,), 100.0, torch.float32),
+        ((3, 3), 30.0, torch.float64),
+        ((16,), 0.0, torch.float32),
+    ]:
+        p = torch.nn.Parameter(torch.zeros(shape, dtype=dtype))
+        p.grad = torch.randn(shape, generator=generator, dtype=dtype) * scale
+        params.append(p)
+    params.append(torch.nn.Parameter(torch.zeros(4)))  # no gradient
+    return params
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, float("inf")])
+def test_each_gradient_clipped_bitwise_like_detectron2s_per_parameter_clipper(norm_type):
+    params = _gradients_to_clip(torch.Generator().manual_seed(3))
+    original = [None if p.grad is None else p.grad.clone() for p in params]
+    expected = []
+    for p in params:
+        # what Detectron2's CLIP_TYPE "norm" does: one clip_grad_norm_ call per parameter
+        q = torch.nn.Parameter(p.detach().clone())
+        q.grad = None if p.grad is None else p.grad.clone()
+        torch.nn.utils.clip_grad_norm_(q, 35.0, norm_type)
+        expected.append(q.grad)
+    clip_each_gradient_norm_(params, 35.0, norm_type)
+    for p, want, before in zip(params, expected, original):
+        if want is None:
+            assert p.grad is None
+            continue
+        assert p.grad.dtype == want.dtype and torch.equal(p.grad, want)
+        norm = torch.linalg.vector_norm(before, norm_type)
+        # the large gradients were scaled down (to norm 35), the small ones kept as they were
+        assert torch.equal(p.grad, before) == bool(norm <= 35.0)
+
+
+def test_adamw_step_clips_like_detectron2s_wrapper():
+    from detectron2.solver.build import maybe_add_gradient_clipping
+
+    cfg = tiny_cfg()
+    assert cfg.SOLVER.CLIP_GRADIENTS.ENABLED and cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE == "norm"
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    generator = torch.Generator().manual_seed(4)
+    params = _gradients_to_clip(generator)[:4]
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, q in zip(params, reference):
+        q.grad = p.grad.clone()
+    ours = _add_gradient_clipping(cfg, torch.optim.AdamW)(params, lr=0.1, weight_decay=0.05)
+    theirs = maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(
+        reference, lr=0.1, weight_decay=0.05
+    )
+    ours.step()
+    theirs.step()
+    for p, q in zip(params, reference):
+        assert torch.equal(p.grad, q.grad) and torch.equal(p, q)
+        assert p.abs().sum() > 0
 
 
 def test_unknown_optimizer_is_a_clear_error():

@@ -98,6 +98,20 @@ def test_generation_is_deterministic(tmp_path):
         assert other[path] != first[path]
 
 
+def test_generation_in_worker_processes_writes_the_same_files(tmp_path):
+    for folder, workers in (("serial", 1), ("pool", 2)):
+        generate_shapes_split(
+            str(tmp_path / folder), "train", num_images=6, seed=5, num_workers=workers, **SMALL
+        )
+    serial, pool = _split_files(tmp_path / "serial"), _split_files(tmp_path / "pool")
+    assert len(serial) == 7 and serial.keys() == pool.keys()
+    assert all(serial[path] == pool[path] for path in serial)
+    coco = json.loads(serial[os.path.join("annotations", "instances_train.json")])
+    # annotation ids number the whole split, in image order
+    assert [a["id"] for a in coco["annotations"]] == list(range(1, len(coco["annotations"]) + 1))
+    assert len({a["image_id"] for a in coco["annotations"]}) == 6
+
+
 def test_smaller_split_is_prefix_of_larger(tmp_path):
     _gen(tmp_path / "small", 0, num_images=2)
     _gen(tmp_path / "large", 0, num_images=4)
