@@ -128,6 +128,32 @@ def test_adamw_step_clips_like_detectron2s_wrapper():
         assert p.abs().sum() > 0
 
 
+def test_sgd_step_clips_like_detectron2s_build_optimizer():
+    from detectron2.solver import build_optimizer as detectron2_build_optimizer
+
+    cfg = tiny_cfg()
+    assert cfg.SOLVER.CLIP_GRADIENTS.ENABLED and cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE == "norm"
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    reference_model = build_model(cfg)
+    reference_model.load_state_dict(model.state_dict())
+    ours, theirs = build_optimizer(cfg, model), detectron2_build_optimizer(cfg, reference_model)
+    assert isinstance(ours, torch.optim.SGD) and type(ours) is not type(theirs)
+    generator = torch.Generator().manual_seed(5)
+    clipped = 0
+    for _ in range(2):
+        for (name, p), q in zip(model.named_parameters(), reference_model.parameters()):
+            # gradient norms from ~0.1 to ~1000: some parameters clipped at 35, some not
+            grad = torch.randn(p.shape, generator=generator) * 10 ** (len(name) % 4 - 1)
+            p.grad, q.grad = grad.clone(), grad.clone()
+            clipped += int(torch.linalg.vector_norm(grad) > 35)
+        ours.step()
+        theirs.step()
+    assert clipped > 0
+    for p, q in zip(model.parameters(), reference_model.parameters()):
+        assert torch.equal(p.grad, q.grad) and torch.equal(p, q)
+
+
 def test_unknown_optimizer_is_a_clear_error():
     cfg = tiny_cfg()
     cfg.SOLVER.OPTIMIZER = "LION"

@@ -13,11 +13,17 @@ __all__ = ["build_optimizer", "clip_each_gradient_norm_"]
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     """``SOLVER.OPTIMIZER`` "SGD" is Detectron2's own optimizer (the COCO configs use it, as the
     paper does); "ADAMW" uses the same parameter groups (norm / bias weight decay, bias lr factor)
-    and the same gradient clipping, and converges much faster when training from scratch, which
-    is what the CPU demo does."""
+    and converges much faster when training from scratch, which is what the CPU demo does. Both
+    clip gradients as Detectron2's ``SOLVER.CLIP_GRADIENTS`` defines it."""
     name = cfg.SOLVER.OPTIMIZER.upper()
     if name == "SGD":
-        return build_sgd_optimizer(cfg, model)
+        # Detectron2's own SGD (its arguments differ between versions), with the clipping below.
+        unclipped = cfg.clone()
+        unclipped.defrost()
+        unclipped.SOLVER.CLIP_GRADIENTS.ENABLED = False
+        optimizer = build_sgd_optimizer(unclipped, model)
+        optimizer.__class__ = _add_gradient_clipping(cfg, type(optimizer))
+        return optimizer
     if name != "ADAMW":
         raise ValueError(
             "SOLVER.OPTIMIZER must be 'SGD' or 'ADAMW', got {!r}".format(cfg.SOLVER.OPTIMIZER)
