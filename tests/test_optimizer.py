@@ -140,16 +140,17 @@ def test_sgd_step_clips_like_detectron2s_build_optimizer():
     ours, theirs = build_optimizer(cfg, model), detectron2_build_optimizer(cfg, reference_model)
     assert isinstance(ours, torch.optim.SGD) and type(ours) is not type(theirs)
     generator = torch.Generator().manual_seed(5)
-    clipped = 0
+    clipped = kept = 0
     for _ in range(2):
         for (name, p), q in zip(model.named_parameters(), reference_model.parameters()):
             # gradient norms from ~0.1 to ~1000: some parameters clipped at 35, some not
             grad = torch.randn(p.shape, generator=generator) * 10 ** (len(name) % 4 - 1)
             p.grad, q.grad = grad.clone(), grad.clone()
             clipped += int(torch.linalg.vector_norm(grad) > 35)
+            kept += int(torch.linalg.vector_norm(grad) <= 35)
         ours.step()
         theirs.step()
-    assert clipped > 0
+    assert clipped > 0 and kept > 0
     for p, q in zip(model.parameters(), reference_model.parameters()):
         assert torch.equal(p.grad, q.grad) and torch.equal(p, q)
 

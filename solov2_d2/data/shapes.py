@@ -714,8 +714,11 @@ def _generation_workers(num_workers: Optional[int], num_images: int) -> int:
         return max(1, int(num_workers))
     if num_images < 50:  # a process pool costs more than it saves
         return 1
-    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count())
-    return min(len(cores), 8)
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 1  # None where the count is unknown
+    return min(cores, 8)
 
 
 def _write_split_image(spec: "_SplitSpec", index: int) -> Tuple[Dict, List[Dict]]:
