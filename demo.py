@@ -30,6 +30,7 @@ from solov2_d2.checkpoint.predictor import SOLOv2Predictor
 from solov2_d2.export import ExportedPredictor, check_config, metadata_path
 from solov2_d2.memory import retain_freed_memory
 from solov2_d2.modeling.fast import optimize_for_inference
+from solov2_d2.visualization import fixed_colour_jitter
 
 # demo.py --backend -> load_exported's backend.
 EXPORTED_BACKENDS = {"onnxruntime": "onnxruntime", "openvino": "openvino", "torch-export": "torch"}
@@ -128,7 +129,8 @@ def draw(predictor, metadata, image_bgr, confidence_threshold):
     instances = predictor(image_bgr)["instances"].to("cpu")
     instances = instances[instances.scores >= confidence_threshold]
     visualizer = Visualizer(image_bgr[:, :, ::-1], metadata, instance_mode=ColorMode.IMAGE)
-    return visualizer.draw_instance_predictions(instances), len(instances)
+    with fixed_colour_jitter():  # the same picture for the same predictions in every run
+        return visualizer.draw_instance_predictions(instances), len(instances)
 
 
 def build_predictor(args):

@@ -5,6 +5,7 @@ Everything is drawn with Detectron2's ``Visualizer``; only the arrangement is ou
 minimum font size in output pixels: at scale 1 a label is larger than most objects.
 """
 
+import contextlib
 import json
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -16,6 +17,7 @@ from detectron2.structures import Instances
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 __all__ = [
+    "fixed_colour_jitter",
     "draw_predictions",
     "draw_ground_truth",
     "enlarged",
@@ -30,6 +32,19 @@ GAP = 8  # white pixels between panels and cells
 MATCH_IOU = 0.5
 
 
+@contextlib.contextmanager
+def fixed_colour_jitter(seed: int = 0):
+    """The Visualizer jitters each instance's colour (and picks colours for classes without
+    ``thing_colors``) with NumPy's global generator: seed it while drawing, so that the same
+    predictions give the same picture in every run, and restore the caller's state after."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
 def _visualizer(image: np.ndarray, metadata, scale: float) -> Visualizer:
     # SEGMENTATION mode colours by class (metadata.thing_colors), so that a ground-truth object
     # and its prediction have (nearly) the same colour side by side.
@@ -42,13 +57,17 @@ def enlarged(image: np.ndarray, scale: float) -> np.ndarray:
 
 
 def draw_predictions(image: np.ndarray, instances: Instances, metadata, scale: float) -> np.ndarray:
-    """RGB ``image`` (H, W, 3) with ``instances`` drawn, enlarged ``scale`` times."""
-    return _visualizer(image, metadata, scale).draw_instance_predictions(instances).get_image()
+    """RGB ``image`` (H, W, 3) with ``instances`` drawn, enlarged ``scale`` times (the same
+    picture for the same instances in every run)."""
+    with fixed_colour_jitter():
+        return _visualizer(image, metadata, scale).draw_instance_predictions(instances).get_image()
 
 
 def draw_ground_truth(image: np.ndarray, record: dict, metadata, scale: float) -> np.ndarray:
-    """RGB ``image`` with the annotations of its dataset dict ``record`` drawn, enlarged."""
-    return _visualizer(image, metadata, scale).draw_dataset_dict(record).get_image()
+    """RGB ``image`` with the annotations of its dataset dict ``record`` drawn, enlarged (the
+    same picture in every run)."""
+    with fixed_colour_jitter():
+        return _visualizer(image, metadata, scale).draw_dataset_dict(record).get_image()
 
 
 def _ground_truth_masks(record: dict, height: int, width: int) -> List[np.ndarray]:

@@ -19,6 +19,8 @@ from solov2_d2.visualization import (
     CAPTION_HEIGHT,
     GAP,
     contact_sheet,
+    draw_ground_truth,
+    draw_predictions,
     enlarged,
     match_instances,
     plot_learning_curve,
@@ -132,6 +134,34 @@ def test_contact_sheet_layout_and_panels():
     top, left, height, width = layout[0]["caption"]
     caption = sheet[top : top + height, left : left + width]
     assert caption.min() < 128 and caption.max() == 255  # dark text on white
+
+
+@pytest.mark.parametrize("metadata", [_Metadata(), None], ids=["thing_colors", "no_colors"])
+def test_drawings_do_not_depend_on_the_global_numpy_state(metadata):
+    """The Visualizer jitters colours (and, without thing_colors, picks them) with NumPy's
+    global generator: the same predictions must give the same picture in every run, and drawing
+    must leave the caller's generator where it was."""
+    image = _image()
+    instances = _instances([_rectangle(10, 10, 30, 30), _rectangle(35, 5, 55, 25)], [0, 1],
+                           [0.9, 0.6])  # fmt: skip
+    record = _record(_annotation(10, 10, 30, 30, 0), _annotation(35, 5, 55, 25, 1))
+    drawings = []
+    for seed in (1, 2):
+        np.random.seed(seed)
+        expected_next = np.random.rand()
+        np.random.seed(seed)
+        drawings.append(
+            (
+                draw_predictions(image, instances, metadata, 2.0),
+                draw_ground_truth(image, record, metadata, 2.0),
+            )
+        )
+        assert np.random.rand() == expected_next
+    (pred_1, gt_1), (pred_2, gt_2) = drawings
+    assert np.array_equal(pred_1, pred_2) and np.array_equal(gt_1, gt_2)
+    # Not vacuous: the instances are drawn (the drawings differ from the bare enlarged image).
+    assert not np.array_equal(pred_1, enlarged(image, 2.0))
+    assert not np.array_equal(gt_1, enlarged(image, 2.0))
 
 
 def test_contact_sheet_bad_input():
