@@ -5,7 +5,7 @@
         --opts MODEL.WEIGHTS model.pth MODEL.DEVICE cpu
 
 --input takes files, folders and glob patterns. Unreadable files are reported and skipped.
---fast runs the model through optimize_for_inference (about 1.2x faster on a CPU).
+--fast runs the model through optimize_for_inference (faster on a CPU: README, Performance).
 --backend onnxruntime / openvino / torch-export --model exported/model.onnx (or model.pt2) draws
 with a model written by tools/export_model.py instead (README, "Deploy"); --config-file is then
 optional and, when given, must match the model's JSON.
@@ -67,8 +67,9 @@ def get_parser():
     parser.add_argument(
         "--fast",
         action="store_true",
-        help="optimize_for_inference: FrozenBN folded, channels-last on the CPU (scores and masks "
-        "may differ from the plain model's in the last float bits; see README, Performance)",
+        help="optimize_for_inference: FrozenBN folded; on the CPU channels-last and Winograd "
+        "kernel-head convs (scores and masks may differ from the plain model's in the last "
+        "float bits; see README, Performance)",
     )
     parser.add_argument(
         "--opts", default=[], nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs"

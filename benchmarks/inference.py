@@ -26,9 +26,10 @@ Three PyTorch forms of the same weights run in the same process, their timed run
   Its predictions equal ``postprocess_single_image_reference``'s bit for bit (tests); against
   the official form they agree to float rounding (matmul vs conv2d soft masks, the upsampling's
   defined rounding vs ``F.interpolate``'s), which the comparison columns show.
-- fast: exact plus ``optimize_for_inference`` (FrozenBN folded into the convs, channels-last on
-  the CPU): faster convolutions, float rounding of a different order, so scores and masks may
-  differ in the last bits and a detection at a threshold may flip (counted below).
+- fast: exact plus ``optimize_for_inference`` (FrozenBN folded into the convs, channels-last and
+  the kernel head's 3x3 convs by Winograd F(2x2, 3x3) on the CPU): faster convolutions, float
+  rounding of a different order, so scores and masks may differ in the last bits and a
+  detection at a threshold may flip (counted below).
 
 Exported forms (``--backends``, default onnxruntime and openvino-f32; openvino-bf16 on request):
 the same calibrated model exported with ``solov2_d2.export.export_model`` to ONNX in a temporary

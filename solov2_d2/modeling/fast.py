@@ -13,7 +13,11 @@
    times faster for the wide, thin early layers of a ResNet; every later op (GroupNorm,
    interpolation, max pooling, addition) has an NHWC kernel as well.
 
-Both change float rounding only: folding computes ``conv(x, w * s) + b'`` instead of
+3. On the CPU, the kernel head's 3x3 convolutions (its two towers and predictors) run by
+   Winograd's F(2x2, 3x3) (``winograd.py``): 16 instead of 36 multiplications per 2x2 output
+   tile, every level's tiles in one matrix product since the levels share the towers.
+
+All three change float rounding only: folding computes ``conv(x, w * s) + b'`` instead of
 ``conv(x, w) * s + b``, and NHWC convolutions sum in another order. A trained model keeps its
 detections (same instances and classes; scores and masks differ by float rounding, see
 ``tests/test_fast_path.py`` and ``benchmarks/inference.py``). The transformed model is meant for
@@ -31,7 +35,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["fold_frozen_batchnorm", "optimize_for_inference"]
+from .winograd import WinogradConv2d, is_winograd_eligible
+
+__all__ = ["fold_frozen_batchnorm", "optimize_for_inference", "use_winograd_in_kernel_head"]
 
 
 def _foldable_norm(norm) -> bool:
@@ -77,20 +83,47 @@ def fold_frozen_batchnorm(model: nn.Module) -> int:
     return folded
 
 
-def optimize_for_inference(model: nn.Module, channels_last: Optional[bool] = None) -> nn.Module:
+def use_winograd_in_kernel_head(model: nn.Module) -> int:
+    """Replaces the 3x3 stride-1 convs of ``model.ins_head``'s towers and predictors by
+    ``WinogradConv2d``, in place; returns how many. Models without a SOLOv2 kernel head: 0."""
+    head = getattr(model, "ins_head", None)
+    replaced = 0
+    for name in ("cate_tower", "kernel_tower", "cate_pred", "kernel_pred"):
+        part = getattr(head, name, None)
+        if isinstance(part, nn.Sequential):
+            for index, layer in enumerate(part):
+                if is_winograd_eligible(layer):
+                    part[index] = WinogradConv2d(layer)
+                    replaced += 1
+        elif part is not None and is_winograd_eligible(part):
+            setattr(head, name, WinogradConv2d(part))
+            replaced += 1
+    return replaced
+
+
+def optimize_for_inference(
+    model: nn.Module, channels_last: Optional[bool] = None, winograd: Optional[bool] = None
+) -> nn.Module:
     """Makes ``model`` faster for inference, in place, and returns it (in eval mode).
 
     Args:
         model: a SOLOv2 model (any module works: the transforms look for convs with a foldable
-            ``norm`` and for 4-D weights).
+            ``norm``, for 4-D weights and for a SOLOv2 kernel head).
         channels_last: convert to NHWC; default: on the CPU only (on GPUs NCHW is the better
             default for float32 convolutions).
+        winograd: the kernel head's 3x3 convs by F(2x2, 3x3); default: on the CPU only (on
+            GPUs cuDNN picks its own algorithms).
     """
     model.eval()
     fold_frozen_batchnorm(model)
+    first = next(model.parameters(), None)
+    on_cpu = first is not None and first.device.type == "cpu"
     if channels_last is None:
-        first = next(model.parameters(), None)
-        channels_last = first is not None and first.device.type == "cpu"
+        channels_last = on_cpu
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    if winograd is None:
+        winograd = on_cpu
+    if winograd:
+        use_winograd_in_kernel_head(model)
     return model

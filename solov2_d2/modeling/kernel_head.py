@@ -20,12 +20,14 @@ from detectron2.layers import ShapeSpec
 from torch import nn
 
 from .layers import (
+    accepts_levels,
     append_coordinates,
     check_head_norm,
     check_in_channels_key,
     conv_norm_relu,
     init_conv_weights,
     run_tower,
+    run_tower_levels,
     select_features,
 )
 
@@ -221,18 +223,38 @@ class SOLOv2KernelHead(nn.Module):
             category_logits: per level (N, num_classes, S, S).
             kernel_preds: per level (N, num_kernels, S, S).
         """
-        category_logits, kernel_preds = [], []
         levels = zip(self.instance_features(features), self.num_grids)
-        for level, (feature, num_grid) in enumerate(levels):
-            if self.use_coord_conv:
-                feature = append_coordinates(feature)
-            # One resize for both branches: the category branch drops the coordinate channels.
-            grid_feature = F.interpolate(
-                feature, size=(num_grid, num_grid), mode="bilinear", align_corners=False
+        if accepts_levels(self.kernel_tower) or accepts_levels(self.cate_tower):
+            # The fast path's Winograd convs take every level in one call: run layer by layer.
+            grid_features = [self._grid_feature(feature, num_grid) for feature, num_grid in levels]
+            kernels = run_tower_levels(self.kernel_tower, grid_features)
+            categories = run_tower_levels(
+                self.cate_tower, [self._category_input(grid) for grid in grid_features]
             )
-            category_feature = grid_feature[:, :-2] if self.use_coord_conv else grid_feature
+            return (
+                run_tower_levels(self.cate_pred, categories),
+                run_tower_levels(self.kernel_pred, kernels),
+            )
+        category_logits, kernel_preds = [], []
+        for level, (feature, num_grid) in enumerate(levels):
+            grid_feature = self._grid_feature(feature, num_grid)
             kernel_preds.append(self.kernel_pred(run_tower(self.kernel_tower, grid_feature, level)))
             category_logits.append(
-                self.cate_pred(run_tower(self.cate_tower, category_feature, level))
+                self.cate_pred(
+                    run_tower(self.cate_tower, self._category_input(grid_feature), level)
+                )
             )
         return category_logits, kernel_preds
+
+    def _grid_feature(self, feature: torch.Tensor, num_grid: int) -> torch.Tensor:
+        """A level's feature (with coordinates, if used) resized to its S x S grid: one resize
+        for both branches."""
+        if self.use_coord_conv:
+            feature = append_coordinates(feature)
+        return F.interpolate(
+            feature, size=(num_grid, num_grid), mode="bilinear", align_corners=False
+        )
+
+    def _category_input(self, grid_feature: torch.Tensor) -> torch.Tensor:
+        """The category branch's input: the grid feature without the coordinate channels."""
+        return grid_feature[:, :-2] if self.use_coord_conv else grid_feature

@@ -8,6 +8,7 @@ from detectron2.layers import ShapeSpec
 from torch import nn
 
 from .deform import DeformConv, DeformConvPack, is_modulated
+from .winograd import WinogradConv2d
 
 
 def arange_linspace(start: float, end: float, steps, *, device=None, dtype=None):
@@ -74,6 +75,27 @@ def run_tower(tower: nn.Sequential, x: torch.Tensor, level: int) -> torch.Tensor
     for layer in tower:
         x = layer(x, level) if isinstance(layer, LevelBatchNorm2d) else layer(x)
     return x
+
+
+def accepts_levels(tower: nn.Module) -> bool:
+    """Whether ``tower`` (a module or a Sequential of them) has a layer that computes all levels
+    in one call (``WinogradConv2d``, put in by ``optimize_for_inference``)."""
+    layers = tower if isinstance(tower, nn.Sequential) else [tower]
+    return any(isinstance(layer, WinogradConv2d) for layer in layers)
+
+
+def run_tower_levels(tower: nn.Module, levels: List[torch.Tensor]) -> List[torch.Tensor]:
+    """``run_tower`` for every level, layer by layer: a ``WinogradConv2d`` takes the list of
+    levels (one matrix product for all), every other layer runs on each level in turn."""
+    layers = tower if isinstance(tower, nn.Sequential) else [tower]
+    for layer in layers:
+        if isinstance(layer, WinogradConv2d):
+            levels = layer(levels)
+        elif isinstance(layer, LevelBatchNorm2d):
+            levels = [layer(x, level) for level, x in enumerate(levels)]
+        else:
+            levels = [layer(x) for x in levels]
+    return levels
 
 
 def conv_norm_relu(
