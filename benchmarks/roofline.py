@@ -416,8 +416,10 @@ def main():
             "(see the docstring of benchmarks/roofline.py and benchmarks/inference.py). "
             f"Load average at the end: {load_average():.2f}; wall time "
             f"{time.time() - start:.0f} s.",
-            "Operations and rates per stage (GFLOP per image; the postprocess row counts only "
-            "its dynamic convolution, its time is the whole postprocess):",
+            "Operations and rates per stage (GFLOP per image of direct convolutions; the "
+            "postprocess row counts only its dynamic convolution, its time is the whole "
+            "postprocess; the fast form's kernel head multiplies less by Winograd F(2x2, 3x3), "
+            "so its rates there are effective, direct-convolution FLOPs per second):",
             stage_table(results, peak),
             "The float32 bound (network + dynamic convolution at the attainable rate) against "
             "the forms' times:",
