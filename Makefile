@@ -66,6 +66,7 @@ benchmark: setup
 	$(PY) benchmarks/inference.py
 	$(PY) benchmarks/training.py
 	$(PY) benchmarks/plain_process.py
+	$(PY) benchmarks/roofline.py
 
 lint: setup
 	$(PY) -m flake8 solov2_d2 tests tools benchmarks train_net.py demo.py
