@@ -1,6 +1,7 @@
 """solov2_d2.export: the exported graph under ONNX Runtime, OpenVINO (f32) and torch.export
 against the PyTorch model; dynamic input sizes; the JSON; bad input."""
 
+import copy
 import glob
 import json
 import os
@@ -196,6 +197,16 @@ def test_missing_and_corrupt_model_file(tmp_path, tiny_export):
         stream.write("{not json")
     with pytest.raises(ExportError, match="not a readable JSON file"):
         load_exported(str(copy), "onnxruntime")
+
+
+def test_export_refuses_the_winograd_fast_path(tmp_path, tiny_export):
+    from solov2_d2.modeling.fast import optimize_for_inference
+
+    cfg, model, _ = tiny_export
+    fast = optimize_for_inference(copy.deepcopy(model))
+    with pytest.raises(ValueError, match="Winograd convolutions.*winograd=False"):
+        export_model(cfg, fast, str(tmp_path), "onnx")
+    assert not os.listdir(tmp_path)
 
 
 def test_format_backend_mismatch(tiny_export):

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from ..modeling.static_postprocess import default_max_candidates
+from ..modeling.winograd import WinogradConv2d
 from .graph import OUTPUT_NAMES, SOLOv2ExportGraph
 from .metadata import FORMATS, config_fields, write_metadata
 
@@ -60,6 +61,12 @@ def export_model(
     """
     if model_format not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {model_format!r}")
+    if any(isinstance(module, WinogradConv2d) for module in model.modules()):
+        raise ValueError(
+            "the model's kernel head runs Winograd convolutions (optimize_for_inference): export "
+            "the model as built, or optimized with winograd=False; the runtimes choose their own "
+            "convolution algorithms"
+        )
     model = model.to("cpu").float().eval()
     params = model.inference_params
     max_candidates = int(max_candidates or default_max_candidates(params))
