@@ -5,6 +5,7 @@ import importlib.util
 import os
 import sys
 
+import pytest
 import torch
 from torch import nn
 
@@ -81,3 +82,18 @@ def test_network_flops_match_fvcore(detecting_model):
     # The tiny model's backbone has 1x1 and strided convs, its heads 1x1 predictors.
     network = counts["backbone+FPN"] + counts["heads"]
     assert 0 < counts["3x3 stride 1"] < network
+
+
+def test_bound_and_verdict_by_hand():
+    roofline = _roofline()
+    result = {
+        "flops": {"backbone+FPN": 100e9, "heads": 50e9, "dynamic conv": 10e9, "3x3 stride 1": 90e9}
+    }
+    # 160 GFLOP at 100 GFLOP/s.
+    assert roofline.bound_ms(result, 100e9) == pytest.approx(1600)
+    # Winograd: the 90 GFLOP of 3x3 convs take 16/36 of their multiplications: 160 - 50.
+    assert roofline.bound_ms(result, 100e9, winograd=True) == pytest.approx(1100)
+    assert roofline._verdict(1600, 1500).startswith("NOT reachable")
+    assert roofline._verdict(1000, 2000) == (
+        "reachable only at 50% of the attainable rate over the whole image"
+    )
