@@ -203,6 +203,19 @@ def run_once(model, inputs, postprocess, context, device):
     return results, timer.times
 
 
+def pytorch_forms(model, fast, device):
+    """[(form, runner)] of the three PyTorch forms (``FORMS``), each runner ``run_once`` with
+    the form's model, postprocess and grad context."""
+    return [
+        (form, functools.partial(run_once, net, postprocess=post, context=context, device=device))
+        for form, net, post, context in (
+            ("official", model, official_style_postprocess, torch.no_grad),
+            ("exact", model, postprocess_single_image, torch.inference_mode),
+            ("fast", fast, postprocess_single_image, torch.inference_mode),
+        )
+    ]
+
+
 def run_exported_once(exported, inputs, device):
     """An exported model (``load_exported``) on ``inputs``, one graph call per image, through its
     public steps (``preprocess``, ``run_graph``, ``to_instances``, which its ``__call__`` is made
@@ -349,14 +362,7 @@ def benchmark_config(name, config_file, args, device, rows, notes, export_dir):
     images = [synthetic_scene(height, width, seed)[0] for seed in range(num_images)]
     all_inputs = [{"image": image, "height": height, "width": width} for image in images]
     cfg, model, fast, shift = build_models(config_file, args.device, args.candidates, all_inputs[0])
-    forms = [
-        (form, functools.partial(run_once, net, postprocess=post, context=context, device=device))
-        for form, net, post, context in (
-            ("official", model, official_style_postprocess, torch.no_grad),
-            ("exact", model, postprocess_single_image, torch.inference_mode),
-            ("fast", fast, postprocess_single_image, torch.inference_mode),
-        )
-    ]
+    forms = pytorch_forms(model, fast, device)
     forms += exported_forms(cfg, model, args.backends, device, all_inputs[:1], export_dir, notes)
     candidates = count_candidates(model, all_inputs)
 

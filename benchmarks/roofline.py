@@ -35,7 +35,6 @@ baseline.
 """
 
 import argparse
-import functools
 import os
 import statistics
 import sys
@@ -61,9 +60,6 @@ from common import (  # noqa: E402
     synthetic_scene,
     write_report,
 )
-from official_style import official_style_postprocess  # noqa: E402
-
-from solov2_d2.modeling.postprocess import postprocess_single_image  # noqa: E402
 
 NETWORK_STAGES = ("backbone+FPN", "heads")
 STAGES = ("preprocess",) + NETWORK_STAGES + ("postprocess",)
@@ -190,29 +186,7 @@ def measure_config(name, args, device, probes):
     _, model, fast, _ = inference.build_models(config_file, args.device, args.candidates, inputs[0])
     per_image = [network_flops(model, one) for one in inputs]
     flops = {key: statistics.mean(c[key] for c in per_image) for key in per_image[0]}
-    forms = {
-        "official": functools.partial(
-            inference.run_once,
-            model,
-            postprocess=official_style_postprocess,
-            context=torch.no_grad,
-            device=device,
-        ),
-        "exact": functools.partial(
-            inference.run_once,
-            model,
-            postprocess=postprocess_single_image,
-            context=torch.inference_mode,
-            device=device,
-        ),
-        "fast": functools.partial(
-            inference.run_once,
-            fast,
-            postprocess=postprocess_single_image,
-            context=torch.inference_mode,
-            device=device,
-        ),
-    }
+    forms = dict(inference.pytorch_forms(model, fast, device))
     runs = {form: [] for form in forms}
     for repeat in range(args.warmup + args.runs):
         probes.append(attainable_peak())
