@@ -283,3 +283,32 @@ def test_optimized_model_batch_equals_single_images(frozen_bn_model):
         batched = fast(inputs)
         alone = fast(inputs[:1])
     assert_same_detections(batched[1]["instances"], alone[0]["instances"])
+
+
+def test_winograd_across_the_network(frozen_bn_model):
+    """``use_winograd`` outside the kernel head: the wide 3x3 convs of the ResNet and the FPN
+    (the FPN runs its convs from a plain list, which must hold the new modules too)."""
+    from solov2_d2.modeling.fast import use_winograd
+    from solov2_d2.modeling.winograd import WinogradConv2d, is_winograd_eligible
+
+    fast = optimize_for_inference(copy.deepcopy(frozen_bn_model), winograd=False)
+    # By default: the kernel head's 6 convs, and ResNet-18's res4 (256 channels) and res5 (512)
+    # have 3 each (the first block's first conv has stride 2); the rest of tiny_cfg is 64 wide.
+    assert use_winograd(copy.deepcopy(fast)) == 12
+    replaced = use_winograd(fast, min_channels=64)
+    fpn = fast.backbone
+    assert all(isinstance(conv, WinogradConv2d) for conv in fpn.output_convs)
+    assert [getattr(fpn, f"fpn_output{i}") for i in (5, 4, 3, 2)] == fpn.output_convs
+    # Every eligible conv wide enough was replaced; ResNet-18's res2 has 3 of them (its first
+    # conv reads the 32-channel stem).
+    assert not any(
+        is_winograd_eligible(m) and min(m.in_channels, m.out_channels) >= 64 for m in fast.modules()
+    )
+    res2 = [m for m in fast.backbone.bottom_up.res2.modules() if isinstance(m, WinogradConv2d)]
+    assert len(res2) == 3 and replaced >= 12 + 3 + 4
+    inputs = synthetic_images()
+    with torch.inference_mode():
+        expected, actual = frozen_bn_model(inputs), fast(inputs)
+    assert any(len(r["instances"]) > 0 for r in expected)
+    for a, b in zip(expected, actual):
+        assert_same_detections(a["instances"], b["instances"])

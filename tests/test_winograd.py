@@ -7,8 +7,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from detectron2.layers import Conv2d
 from torch import nn
 
+from solov2_d2.modeling import winograd
 from solov2_d2.modeling.fast import optimize_for_inference, use_winograd_in_kernel_head
 from solov2_d2.modeling.winograd import (
     WinogradConv2d,
@@ -56,7 +58,8 @@ def test_winograd_is_as_close_to_float64_as_the_direct_conv(seed):
     for x, y in zip(levels, outputs):
         reference = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
         direct = F.conv2d(x, weight, bias, padding=1)
-        assert y.shape == reference.shape and y.is_contiguous()
+        # The input's memory format, as F.conv2d gives.
+        assert y.shape == reference.shape and y.stride() == direct.stride()
         scale = reference.abs().max()
         winograd_error = float((y.double() - reference).abs().max() / scale)
         direct_error = float((direct.double() - reference).abs().max() / scale)
@@ -68,6 +71,38 @@ def test_winograd_is_as_close_to_float64_as_the_direct_conv(seed):
         assert torch.equal(alone, y)
 
 
+def test_chunks_by_hand():
+    # Tile grids (N, tiles_h, tiles_w): rows of 2 x 3 = 6 tiles, then two small maps.
+    grids = [(2, 5, 3), (1, 2, 2), (1, 1, 1)]
+    # At most 13 tiles: 2 rows (12 tiles) per piece; the last row (6) and the 4 + 1 small ones.
+    assert list(winograd._chunks(grids, 13)) == [
+        [(0, 0, 2)],
+        [(0, 2, 4)],
+        [(0, 4, 5), (1, 0, 2), (2, 0, 1)],
+    ]
+    # A row wider than the chunk still goes whole; everything fits in one chunk of 100.
+    assert list(winograd._chunks([(1, 2, 9)], 4)) == [[(0, 0, 1)], [(0, 1, 2)]]
+    assert list(winograd._chunks(grids, 100)) == [[(0, 0, 5), (1, 0, 2), (2, 0, 1)]]
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 16 * 40 * 4 * 7, 1 << 30])
+def test_winograd_in_chunks_equals_float64(monkeypatch, chunk_bytes):
+    """Chunks of one tile row, of 7 tiles (pieces of several maps and rows) and one chunk for
+    everything: the same convolution, to float32 rounding."""
+    monkeypatch.setattr(winograd, "CHUNK_BYTES", chunk_bytes)
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(24, 40, 3, 3, generator=generator) / (9 * 40) ** 0.5
+    bias = torch.randn(24, generator=generator)
+    levels = [
+        torch.randn(2, 40, h, w, generator=generator).contiguous(memory_format=torch.channels_last)
+        for h, w in ((9, 11), (4, 6), (1, 1))
+    ]
+    for x, y in zip(levels, winograd_conv3x3(levels, transform_weight(weight), bias)):
+        reference = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        assert float((y.double() - reference).abs().max() / reference.abs().max()) < 1e-6
+
+
 def test_winograd_conv_module_and_eligibility():
     conv = nn.Conv2d(8, 6, 3, padding=1)
     module = WinogradConv2d(conv)
@@ -75,6 +110,10 @@ def test_winograd_conv_module_and_eligibility():
     with torch.no_grad():
         torch.testing.assert_close(module(x), conv(x), rtol=1e-5, atol=1e-6)
         assert [y.shape for y in module([x, x[..., :4, :4]])] == [(1, 6, 7, 9), (1, 6, 4, 4)]
+    # Detectron2's Conv2d: its norm and activation follow, as in its own forward.
+    d2conv = Conv2d(8, 6, 3, padding=1, norm=nn.GroupNorm(2, 6), activation=torch.relu).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(WinogradConv2d(d2conv)(x), d2conv(x), rtol=1e-5, atol=1e-6)
     assert "transformed_weight" not in module.state_dict()
     assert set(module.state_dict()) == {"weight", "bias"}
     for other in (

@@ -13,9 +13,11 @@
    times faster for the wide, thin early layers of a ResNet; every later op (GroupNorm,
    interpolation, max pooling, addition) has an NHWC kernel as well.
 
-3. On the CPU, the kernel head's 3x3 convolutions (its two towers and predictors) run by
-   Winograd's F(2x2, 3x3) (``winograd.py``): 16 instead of 36 multiplications per 2x2 output
-   tile, every level's tiles in one matrix product since the levels share the towers.
+3. On the CPU, the wide 3x3 stride-1 convolutions run by Winograd's F(2x2, 3x3)
+   (``winograd.py``): 16 instead of 36 multiplications per 2x2 output tile. Those of the kernel
+   head (its two towers and predictors), every level's tiles in one matrix product since the
+   levels share the towers, and elsewhere those with at least ``MIN_WINOGRAD_CHANNELS`` input
+   and output channels (the FPN's output convs, ResNet's res4 and res5).
 
 All three change float rounding only: folding computes ``conv(x, w * s) + b'`` instead of
 ``conv(x, w) * s + b``, and NHWC convolutions sum in another order. A trained model keeps its
@@ -37,7 +39,17 @@ from torch import nn
 
 from .winograd import WinogradConv2d, is_winograd_eligible
 
-__all__ = ["fold_frozen_batchnorm", "optimize_for_inference", "use_winograd_in_kernel_head"]
+__all__ = [
+    "MIN_WINOGRAD_CHANNELS",
+    "fold_frozen_batchnorm",
+    "optimize_for_inference",
+    "use_winograd",
+    "use_winograd_in_kernel_head",
+]
+
+# Winograd outside the kernel head only for convs this wide: narrower ones (64 and 128 channels,
+# 256 -> 128) measured as fast or faster direct (README "Performance").
+MIN_WINOGRAD_CHANNELS = 256
 
 
 def _foldable_norm(norm) -> bool:
@@ -101,6 +113,33 @@ def use_winograd_in_kernel_head(model: nn.Module) -> int:
     return replaced
 
 
+def _replace_child(parent: nn.Module, name: str, old: nn.Module, new: nn.Module) -> None:
+    """``parent.name = new``, and the same in plain lists the parent keeps beside its
+    submodules (Detectron2's FPN runs its convs from ``output_convs``, a list)."""
+    setattr(parent, name, new)
+    for value in vars(parent).values():
+        if isinstance(value, list):
+            for index, item in enumerate(value):
+                if item is old:
+                    value[index] = new
+
+
+def use_winograd(model: nn.Module, min_channels: int = MIN_WINOGRAD_CHANNELS) -> int:
+    """``use_winograd_in_kernel_head``, and every other 3x3 stride-1 conv of ``model`` with at
+    least ``min_channels`` input and output channels replaced by ``WinogradConv2d``, in place;
+    returns how many convs were replaced in all."""
+    replaced = use_winograd_in_kernel_head(model)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if (
+                is_winograd_eligible(child)
+                and min(child.in_channels, child.out_channels) >= min_channels
+            ):
+                _replace_child(parent, name, child, WinogradConv2d(child))
+                replaced += 1
+    return replaced
+
+
 def optimize_for_inference(
     model: nn.Module, channels_last: Optional[bool] = None, winograd: Optional[bool] = None
 ) -> nn.Module:
@@ -111,8 +150,8 @@ def optimize_for_inference(
             ``norm``, for 4-D weights and for a SOLOv2 kernel head).
         channels_last: convert to NHWC; default: on the CPU only (on GPUs NCHW is the better
             default for float32 convolutions).
-        winograd: the kernel head's 3x3 convs by F(2x2, 3x3); default: on the CPU only (on
-            GPUs cuDNN picks its own algorithms).
+        winograd: the wide 3x3 convs by F(2x2, 3x3) (``use_winograd``); default: on the CPU
+            only (on GPUs cuDNN picks its own algorithms).
     """
     model.eval()
     fold_frozen_batchnorm(model)
@@ -125,5 +164,5 @@ def optimize_for_inference(
     if winograd is None:
         winograd = on_cpu
     if winograd:
-        use_winograd_in_kernel_head(model)
+        use_winograd(model)
     return model
