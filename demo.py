@@ -5,7 +5,8 @@
         --opts MODEL.WEIGHTS model.pth MODEL.DEVICE cpu
 
 --input takes files, folders and glob patterns. Unreadable files are reported and skipped.
---fast runs the model through optimize_for_inference (faster on a CPU: README, Performance).
+On the CPU the model runs its optimized inference copy (MODEL.SOLOV2.FAST_INFERENCE, the default;
+README, Performance); --opts MODEL.SOLOV2.FAST_INFERENCE False draws with the exact form.
 --backend onnxruntime / openvino / torch-export --model exported/model.onnx (or model.pt2) draws
 with a model written by tools/export_model.py instead (README, "Deploy"); --config-file is then
 optional and, when given, must match the model's JSON.
@@ -29,7 +30,6 @@ from solov2_d2 import add_solov2_config
 from solov2_d2.checkpoint.predictor import SOLOv2Predictor
 from solov2_d2.export import ExportedPredictor, check_config, metadata_path
 from solov2_d2.memory import retain_freed_memory
-from solov2_d2.modeling.fast import optimize_for_inference
 from solov2_d2.visualization import fixed_colour_jitter
 
 # demo.py --backend -> load_exported's backend.
@@ -63,13 +63,6 @@ def get_parser():
     )
     parser.add_argument(
         "--confidence-threshold", type=float, default=0.3, help="minimum score to draw"
-    )
-    parser.add_argument(
-        "--fast",
-        action="store_true",
-        help="optimize_for_inference: FrozenBN folded; on the CPU channels-last and Winograd "
-        "kernel-head convs (scores and masks may differ from the plain model's in the last "
-        "float bits; see README, Performance)",
     )
     parser.add_argument(
         "--opts", default=[], nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs"
@@ -147,13 +140,11 @@ def build_predictor(args):
         cfg = setup_cfg(args)
         metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
         predictor = SOLOv2Predictor(cfg)  # MODEL.WEIGHTS may be an mmdetection / SOLO checkpoint
-        if args.fast:
-            optimize_for_inference(predictor.model)
         return predictor, metadata, cfg.INPUT.FORMAT
     if not args.model:
         raise SystemExit(f"--backend {args.backend} needs --model (tools/export_model.py's output)")
-    if args.fast or args.opts:
-        raise SystemExit("--fast and --opts apply to --backend pytorch only")
+    if args.opts:
+        raise SystemExit("--opts applies to --backend pytorch only")
     predictor = ExportedPredictor(args.model, EXPORTED_BACKENDS[args.backend])
     exported = predictor.model.metadata
     if args.config_file:

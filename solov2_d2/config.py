@@ -72,6 +72,9 @@ def add_solov2_config(cfg):
     _C.MODEL.SOLOV2.USE_DCN_IN_MASK_FEATURE = False
 
     # ---- Inference ----
+    # (solov2_d2) Eval-mode CPU forwards without autograd run an optimized copy of the networks
+    # (modeling/fast.py: FrozenBN folded, channels-last, Winograd); False: the exact form.
+    _C.MODEL.SOLOV2.FAST_INFERENCE = True
     # Candidates kept (by maskness-rescored score) before NMS.
     _C.MODEL.SOLOV2.NMS_PRE = 500
     # Category score threshold for a grid cell to become a candidate.

@@ -51,10 +51,9 @@ def write_image(path, seed=0):
     return str(path)
 
 
-def run_demo(model_files, inputs, output, threshold="0", *opts, fast=False):
+def run_demo(model_files, inputs, output, threshold="0", *opts):
     config_file, weights = model_files
     argv = ["--config-file", config_file, "--input", *[str(i) for i in inputs]]
-    argv += ["--fast"] if fast else []
     argv += ["--output", str(output), "--confidence-threshold", threshold]
     argv += ["--opts", "MODEL.WEIGHTS", weights, "MODEL.SOLOV2.SCORE_THR", "0.0"]
     argv += ["MODEL.SOLOV2.UPDATE_THR", "0.0", "MODEL.SOLOV2.MAX_PER_IMG", "1", *opts]
@@ -89,11 +88,12 @@ def predicted_instances(model_files, image):
     return DefaultPredictor(demo.setup_cfg(args))(image)["instances"].to("cpu")
 
 
-@pytest.mark.parametrize("fast", [False, True], ids=["plain", "fast"])
-def test_demo_draws_the_predicted_mask_into_a_png(model_files, tmp_path, fast):
+@pytest.mark.parametrize("form", ["fast", "exact"])
+def test_demo_draws_the_predicted_mask_into_a_png(model_files, tmp_path, form):
     source = write_image(tmp_path / "easy.png")
     target = tmp_path / "drawn.png"
-    assert run_demo(model_files, [source], target, fast=fast) == 0
+    opts = ["MODEL.SOLOV2.FAST_INFERENCE", str(form == "fast")]
+    assert run_demo(model_files, [source], target, "0", *opts) == 0
 
     with open(target, "rb") as stream:
         assert stream.read(8) == PNG_SIGNATURE

@@ -107,6 +107,9 @@ def tiny_export(tmp_path_factory):
     cfg = tiny_cfg()
     torch.manual_seed(0)
     model = sharpen_untrained_heads(build_model(cfg)).eval()
+    # The graph is the network as built: the eager reference is the exact form, not the CPU
+    # forward's optimized copy (MODEL.SOLOV2.FAST_INFERENCE).
+    model.fast_inference = False
     directory = tmp_path_factory.mktemp("tiny_export")
     return cfg, model, export_both(cfg, model, directory)
 
@@ -254,6 +257,7 @@ def real_model(name, category_factor):
     cfg.merge_from_file(os.path.join(ROOT, "configs", name))
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.SOLOV2.FAST_INFERENCE = False  # eager = the exact form, the graph's network
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     with torch.no_grad():

@@ -242,12 +242,13 @@ def test_optimize_for_inference_folds_and_converts(frozen_bn_model):
 @pytest.mark.parametrize("cfg_name", ["frozen_bn", "group_norm"])
 def test_optimized_model_gives_the_same_detections(frozen_bn_model, cfg_name):
     if cfg_name == "frozen_bn":
-        plain = frozen_bn_model
+        plain = copy.deepcopy(frozen_bn_model)
     else:
         torch.manual_seed(0)
         plain = build_model(tiny_cfg()).eval()
         make_detections(plain)
     fast = optimize_for_inference(copy.deepcopy(plain))
+    plain.fast_inference = False  # the exact form (MODEL.SOLOV2.FAST_INFERENCE=False)
     inputs = synthetic_images()
     with torch.no_grad():
         images = plain.preprocess_image(inputs)
@@ -312,3 +313,73 @@ def test_winograd_across_the_network(frozen_bn_model):
     assert any(len(r["instances"]) > 0 for r in expected)
     for a, b in zip(expected, actual):
         assert_same_detections(a["instances"], b["instances"])
+
+
+def test_cpu_inference_runs_an_optimized_copy_and_leaves_the_model_as_built(frozen_bn_model):
+    """MODEL.SOLOV2.FAST_INFERENCE (default): ``model(inputs)`` in eval mode on the CPU without
+    autograd runs an optimized copy of the networks; the model's own modules, weights and
+    state dict stay as built, the copy follows changes of the weights, and the exact form is
+    one flag away (and taken whenever autograd records)."""
+    from solov2_d2.modeling.winograd import WinogradConv2d
+
+    assert tiny_cfg().MODEL.SOLOV2.FAST_INFERENCE
+    cfg = frozen_bn_cfg()
+    cfg.MODEL.SOLOV2.FAST_INFERENCE = False
+    assert not build_model(cfg).fast_inference
+    model = copy.deepcopy(frozen_bn_model)
+    assert model.fast_inference and model._inference_copy._networks is None
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs = synthetic_images()
+
+    def exact():
+        model.fast_inference = False
+        try:
+            with torch.no_grad():
+                return model(inputs)
+        finally:
+            model.fast_inference = True
+
+    with torch.no_grad():
+        fast = model(inputs)
+    copied = model._inference_copy._networks
+    assert any(isinstance(m, WinogradConv2d) for m in copied.modules())
+    reference = exact()
+    assert any(len(r["instances"]) > 0 for r in reference)
+    for a, b in zip(reference, fast):
+        assert_same_detections(a["instances"], b["instances"])
+    # Really the other form: some score differs in its last bits.
+    assert any(
+        not torch.equal(a["instances"].scores, b["instances"].scores)
+        for a, b in zip(reference, fast)
+    )
+    # The model itself is untouched: same keys and bits, FrozenBN in place, no Winograd module.
+    assert list(model.state_dict()) == list(state)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    assert not any(isinstance(m, WinogradConv2d) for m in model.modules())
+    # Reused while the weights stay; rebuilt after an in-place change (a load, a training step).
+    with torch.no_grad():
+        model(inputs)
+    assert model._inference_copy._networks is copied
+    with torch.no_grad():
+        model.ins_head.cate_pred.bias.add_(0.5)
+        changed = model(inputs)
+    assert model._inference_copy._networks is not copied
+    changed_reference = exact()
+    assert sum(len(r["instances"]) for r in changed_reference) != sum(
+        len(r["instances"]) for r in reference
+    )
+    for a, b in zip(changed_reference, changed):
+        assert_same_detections(a["instances"], b["instances"])
+    # With autograd recording, the modules as built; without, the cached copy (which was made
+    # before the hook, so the hook sees only the model's own backbone run).
+    runs = []
+    hook = model.backbone.register_forward_pre_hook(lambda module, args: runs.append(module))
+    for a, b in zip(changed_reference, model(inputs)):
+        assert_same_detections(a["instances"], b["instances"])
+    with torch.no_grad():
+        model(inputs)
+    hook.remove()
+    assert len(runs) == 1 and runs[0] is model.backbone
+    # A copy of the model does not carry the cached networks.
+    assert copy.deepcopy(model)._inference_copy._networks is None

@@ -32,7 +32,10 @@ of the straightforward implementation (``postprocess_single_image_reference``). 
 keep the plain model where results must reproduce exactly (evaluation, regression tests).
 """
 
-from typing import Optional
+import copy
+import logging
+from itertools import chain
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -41,6 +44,7 @@ from .winograd import WinogradConv2d, is_winograd_eligible
 
 __all__ = [
     "MIN_WINOGRAD_CHANNELS",
+    "InferenceCopy",
     "fold_frozen_batchnorm",
     "optimize_for_inference",
     "use_winograd",
@@ -165,4 +169,54 @@ def optimize_for_inference(
         winograd = on_cpu
     if winograd:
         use_winograd(model)
+    if getattr(model, "fast_inference", False):
+        model.fast_inference = False  # already the fast form: no second, optimized copy
     return model
+
+
+class InferenceCopy:
+    """The optimized copy of a model's networks that its eval-mode CPU forwards run
+    (``MODEL.SOLOV2.FAST_INFERENCE``), built at the first such call and rebuilt whenever a weight
+    or buffer of the originals changed (loaded, trained, moved: every in-place change bumps a
+    tensor's version counter). A plain attribute, not a submodule: no state-dict keys, and the
+    model's own modules are never modified, so it trains and saves as built. The copy costs
+    about twice the networks' weights in memory (channels-last weights and Winograd's transformed
+    filters beside the originals)."""
+
+    _announced = False
+
+    def __init__(self):
+        self._key = None
+        self._networks = None
+
+    def __deepcopy__(self, memo):
+        return InferenceCopy()  # a copied model builds its own (its tensors are new)
+
+    @staticmethod
+    def _version_key(modules: Sequence[nn.Module]):
+        tensors = chain.from_iterable(chain(m.parameters(), m.buffers()) for m in modules)
+        # Inference tensors have no version counter; their storage identifies them.
+        return tuple(
+            (t.data_ptr(), t.device, None if t.is_inference() else t._version) for t in tensors
+        )
+
+    def networks(
+        self, model: nn.Module, names: Sequence[str] = ("backbone", "ins_head", "mask_head")
+    ):
+        """The optimized copies of ``model``'s ``names`` submodules, as a ``ModuleDict``."""
+        originals = [getattr(model, name) for name in names]
+        key = self._version_key(originals)
+        if self._networks is None or key != self._key:
+            self._networks = None  # free the old copy before building the new one
+            with torch.inference_mode(False), torch.no_grad():
+                networks = copy.deepcopy(nn.ModuleDict(zip(names, originals)))
+                self._networks = optimize_for_inference(networks)
+            self._key = key
+            if not InferenceCopy._announced:
+                InferenceCopy._announced = True
+                logging.getLogger(__name__).info(
+                    "SOLOv2 CPU inference runs an optimized copy of the networks (frozen batch "
+                    "norm folded, channels-last, Winograd convs; same detections, last float "
+                    "bits differ); MODEL.SOLOV2.FAST_INFERENCE=False runs the exact form."
+                )
+        return self._networks

@@ -13,6 +13,7 @@ from torch import nn
 from ..memory import arrange_for_cpu_inference
 from .backbone import DETECTRON2_RESNET_BUILDERS
 from .deform import is_modulated
+from .fast import InferenceCopy
 from .kernel_head import SOLOv2KernelHead
 from .losses import solov2_losses
 from .mask_feature_head import SOLOv2MaskFeatureHead
@@ -75,6 +76,7 @@ class SOLOv2(nn.Module):
         inference_params: InferenceParams,
         pixel_mean: List[float],
         pixel_std: List[float],
+        fast_inference: bool = True,
     ):
         """
         Args:
@@ -82,6 +84,10 @@ class SOLOv2(nn.Module):
             kernel_head, mask_head: read their features from the backbone's output; the kernel
                 head owns the instance levels (features, instance strides, grid sizes).
             scale_ranges, sigma: the target assigner's (one range per instance level).
+            fast_inference: eval-mode CPU forwards without autograd run an optimized copy of
+                the networks (``fast.InferenceCopy``): same detections, last float bits differ.
+                False (and always in training, with autograd, on other devices): the modules
+                as built, whose predictions are bitwise the reference implementation's.
             The others: the losses' and inference's parameters, the input normalization.
         """
         super().__init__()
@@ -116,6 +122,8 @@ class SOLOv2(nn.Module):
         self.dice_weight = dice_weight
         self.normalize_across_processes = normalize_across_processes
         self.inference_params = inference_params
+        self.fast_inference = fast_inference
+        self._inference_copy = InferenceCopy()
         # Non-persistent: they are config, not weights (and official checkpoints lack them).
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
@@ -161,6 +169,7 @@ class SOLOv2(nn.Module):
             ),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
+            "fast_inference": sol.FAST_INFERENCE,
         }
 
     @property
@@ -191,18 +200,31 @@ class SOLOv2(nn.Module):
             training: dict of losses; inference: list of {"instances": Instances} with
             pred_masks (bool), pred_boxes (tight boxes of the masks), scores, pred_classes.
         """
+        backbone, kernel_head, mask_head = self.backbone, self.ins_head, self.mask_head
         if not self.training and self.device.type == "cpu" and not torch.compiler.is_compiling():
             # Large activations would otherwise be page-faulted in on every call (memory.py).
             arrange_for_cpu_inference()
+            if self.fast_inference and not torch.is_grad_enabled():
+                networks = self._inference_copy.networks(self)
+                backbone, kernel_head, mask_head = (
+                    networks.backbone,
+                    networks.ins_head,
+                    networks.mask_head,
+                )
         images = self.preprocess_image(batched_inputs)
-        features = self.backbone(images.tensor)
-        category_logits, kernel_preds = self.ins_head(features)
-        mask_feature = self.mask_head(features)
+        features = backbone(images.tensor)
+        category_logits, kernel_preds = kernel_head(features)
+        mask_feature = mask_head(features)
 
         if self.training:
             gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
             return self.losses(category_logits, kernel_preds, mask_feature, gt_instances, images)
-        return self.inference(category_logits, kernel_preds, mask_feature, images, batched_inputs)
+        # Detections are not differentiable (thresholds, sorting, NMS); with autograd on, the
+        # postprocess's in-place ops would otherwise fail deep inside.
+        with torch.no_grad():
+            return self.inference(
+                category_logits, kernel_preds, mask_feature, images, batched_inputs
+            )
 
     # ------------------------------------------------------------------------------ training
     def losses(self, category_logits, kernel_preds, mask_feature, gt_instances, images):
