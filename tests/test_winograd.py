@@ -1,4 +1,4 @@
-"""Winograd F(2x2, 3x3) (solov2_d2/modeling/winograd.py), the fast path's kernel-head convs:
+"""Winograd F(4x4, 3x3) (solov2_d2/modeling/winograd.py), the fast path's wide 3x3 convs:
 hand-computed outputs, agreement with a float64 direct convolution at least as close as the
 float32 direct convolution's, levels batched in one call, and the head in the fast path."""
 
@@ -21,29 +21,38 @@ from solov2_d2.modeling.winograd import (
 
 
 def test_transform_weight_by_hand():
-    # The centre tap alone: G g G^T = outer(G[:, 1], G[:, 1]), G[:, 1] = (0, 1/2, -1/2, 0).
+    # The centre tap alone: G g G^T = outer(G[:, 1], G[:, 1]), G[:, 1] = (0, -1/6, 1/6, 1/12,
+    # -1/12, 0), computed in float64 and rounded once.
     weight = torch.zeros(1, 1, 3, 3)
     weight[0, 0, 1, 1] = 1.0
-    column = torch.tensor([0.0, 0.5, -0.5, 0.0])
-    assert torch.equal(transform_weight(weight)[:, 0, 0], torch.outer(column, column).flatten())
-    # All ones: G 1 = (1, 3/2, 1/2, 1) on each axis.
+    column = torch.tensor([0.0, -1 / 6, 1 / 6, 1 / 12, -1 / 12, 0.0], dtype=torch.float64)
+    expected = torch.outer(column, column).flatten().float()
+    assert torch.equal(transform_weight(weight)[:, 0, 0], expected)
+    # All ones: G's row sums (1/4, -1/2, -1/6, 7/24, 1/8, 1) on each axis.
     ones = transform_weight(torch.ones(1, 1, 3, 3))[:, 0, 0]
-    row = torch.tensor([1.0, 1.5, 0.5, 1.0])
-    assert torch.equal(ones, torch.outer(row, row).flatten())
+    row = torch.tensor([1 / 4, -1 / 2, -1 / 6, 7 / 24, 1 / 8, 1.0], dtype=torch.float64)
+    assert torch.equal(ones, torch.outer(row, row).flatten().float())
+    assert transform_weight(torch.ones(5, 3, 3, 3)).shape == (36, 3, 5)
 
 
 def test_winograd_conv_by_hand():
     # A box filter on [[1, 2], [3, 4]] with zero padding: every output sees all four pixels.
+    # (G's fractions round: equal to float32 rounding, not bitwise.)
     x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
     (y,) = winograd_conv3x3([x], transform_weight(torch.ones(1, 1, 3, 3)))
-    assert torch.equal(y, torch.full((1, 1, 2, 2), 10.0))
-    # A 3 x 3 image (odd: the last tile is half padding) and a bias; small integers are exact.
+    torch.testing.assert_close(y, torch.full((1, 1, 2, 2), 10.0), rtol=0, atol=1e-5)
+    # A 3 x 3 image (the one tile is mostly padding) and a bias.
     x = torch.arange(9.0).view(1, 1, 3, 3)
     weight = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
     (y,) = winograd_conv3x3([x], transform_weight(weight), torch.tensor([0.5]))
     # Neighbours minus 4 x centre, e.g. (0, 0): 1 + 3 - 0; (1, 1): 1 + 3 + 5 + 7 - 16.
     laplacian = [[4.0, 2.0, -2.0], [-2.0, 0.0, -6.0], [-14.0, -10.0, -20.0]]
-    assert torch.equal(y, torch.tensor(laplacian).view(1, 1, 3, 3) + 0.5)
+    expected = torch.tensor(laplacian).view(1, 1, 3, 3) + 0.5
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-5)
+    # 9 x 10: three tile rows (the last partly padding), tiles meeting at every border.
+    x = torch.arange(90.0).view(1, 1, 9, 10) % 7
+    (y,) = winograd_conv3x3([x], transform_weight(weight))
+    torch.testing.assert_close(y, F.conv2d(x, weight, padding=1), rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -63,8 +72,9 @@ def test_winograd_is_as_close_to_float64_as_the_direct_conv(seed):
         scale = reference.abs().max()
         winograd_error = float((y.double() - reference).abs().max() / scale)
         direct_error = float((direct.double() - reference).abs().max() / scale)
-        assert winograd_error < 1e-6, (winograd_error, direct_error)
-        assert winograd_error <= 4 * max(direct_error, 1e-7)
+        # F(4x4, 3x3)'s fractions cost a few times the direct conv's error (measured 3-6x).
+        assert winograd_error < 2e-5, (winograd_error, direct_error)
+        assert winograd_error <= 10 * max(direct_error, 1e-7)
     # Each level alone gives what it gives in the batch: the tiles do not mix.
     for x, y in zip(levels, outputs):
         (alone,) = winograd_conv3x3([x], transform_weight(weight), bias)
@@ -85,7 +95,7 @@ def test_chunks_by_hand():
     assert list(winograd._chunks(grids, 100)) == [[(0, 0, 5), (1, 0, 2), (2, 0, 1)]]
 
 
-@pytest.mark.parametrize("chunk_bytes", [1, 16 * 40 * 4 * 7, 1 << 30])
+@pytest.mark.parametrize("chunk_bytes", [1, 36 * 40 * 4 * 7, 1 << 30])
 def test_winograd_in_chunks_equals_float64(monkeypatch, chunk_bytes):
     """Chunks of one tile row, of 7 tiles (pieces of several maps and rows) and one chunk for
     everything: the same convolution, to float32 rounding."""
@@ -100,7 +110,7 @@ def test_winograd_in_chunks_equals_float64(monkeypatch, chunk_bytes):
     for x, y in zip(levels, winograd_conv3x3(levels, transform_weight(weight), bias)):
         reference = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
         assert y.is_contiguous(memory_format=torch.channels_last)
-        assert float((y.double() - reference).abs().max() / reference.abs().max()) < 1e-6
+        assert float((y.double() - reference).abs().max() / reference.abs().max()) < 2e-5
 
 
 def test_winograd_conv_module_and_eligibility():
@@ -108,12 +118,12 @@ def test_winograd_conv_module_and_eligibility():
     module = WinogradConv2d(conv)
     x = torch.randn(1, 8, 7, 9)
     with torch.no_grad():
-        torch.testing.assert_close(module(x), conv(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(module(x), conv(x), rtol=1e-5, atol=1e-5)
         assert [y.shape for y in module([x, x[..., :4, :4]])] == [(1, 6, 7, 9), (1, 6, 4, 4)]
     # Detectron2's Conv2d: its norm and activation follow, as in its own forward.
     d2conv = Conv2d(8, 6, 3, padding=1, norm=nn.GroupNorm(2, 6), activation=torch.relu).eval()
     with torch.no_grad():
-        torch.testing.assert_close(WinogradConv2d(d2conv)(x), d2conv(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(WinogradConv2d(d2conv)(x), d2conv(x), rtol=1e-5, atol=1e-5)
     assert "transformed_weight" not in module.state_dict()
     assert set(module.state_dict()) == {"weight", "bias"}
     for other in (
@@ -142,7 +152,8 @@ def test_fast_kernel_head_uses_winograd_and_keeps_its_outputs(detecting_model):
             assert len(expected) == len(actual) == len(plain.ins_head.num_grids)
             for e, a in zip(expected, actual):
                 assert e.shape == a.shape
-                torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+                # Two conv + GroupNorm layers: GN divides by small standard deviations.
+                torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
                 assert not torch.equal(a, e)  # really another algorithm
     # optimize_for_inference puts it in on the CPU, and can leave it out.
     optimized = optimize_for_inference(copy.deepcopy(plain))
@@ -183,4 +194,4 @@ def test_fast_kernel_head_with_other_tower_layers(variant):
         features = plain.backbone(torch.randn(1, 3, 96, 128, generator=generator))
         for expected, actual in zip(plain.ins_head(features), fast.ins_head(features)):
             for e, a in zip(expected, actual):
-                torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)

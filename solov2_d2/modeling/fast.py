@@ -13,11 +13,11 @@
    times faster for the wide, thin early layers of a ResNet; every later op (GroupNorm,
    interpolation, max pooling, addition) has an NHWC kernel as well.
 
-3. On the CPU, the wide 3x3 stride-1 convolutions run by Winograd's F(2x2, 3x3)
+3. On the CPU, the wide 3x3 stride-1 convolutions run by Winograd's F(4x4, 3x3)
    (``winograd.py``): 16 instead of 36 multiplications per 2x2 output tile. Those of the kernel
    head (its two towers and predictors), every level's tiles in one matrix product since the
    levels share the towers, and elsewhere those with at least ``MIN_WINOGRAD_CHANNELS`` input
-   and output channels (the FPN's output convs, ResNet's res4 and res5).
+   and output channels (the FPN's output convs, the mask-feature head, ResNet's res3 to res5).
 
 All three change float rounding only: folding computes ``conv(x, w * s) + b'`` instead of
 ``conv(x, w) * s + b``, and NHWC convolutions sum in another order. A trained model keeps its
@@ -51,9 +51,10 @@ __all__ = [
     "use_winograd_in_kernel_head",
 ]
 
-# Winograd outside the kernel head only for convs this wide: narrower ones (64 and 128 channels,
-# 256 -> 128) measured as fast or faster direct (README "Performance").
-MIN_WINOGRAD_CHANNELS = 256
+# Winograd outside the kernel head only for convs this wide: ResNet's 64-channel res2 measured
+# faster direct; from 128 channels on (res3, the mask-feature head) F(4x4, 3x3) gains
+# (README "Performance").
+MIN_WINOGRAD_CHANNELS = 128
 
 
 def _foldable_norm(norm) -> bool:
@@ -154,7 +155,7 @@ def optimize_for_inference(
             ``norm``, for 4-D weights and for a SOLOv2 kernel head).
         channels_last: convert to NHWC; default: on the CPU only (on GPUs NCHW is the better
             default for float32 convolutions).
-        winograd: the wide 3x3 convs by F(2x2, 3x3) (``use_winograd``); default: on the CPU
+        winograd: the wide 3x3 convs by F(4x4, 3x3) (``use_winograd``); default: on the CPU
             only (on GPUs cuDNN picks its own algorithms).
     """
     model.eval()

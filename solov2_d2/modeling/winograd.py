@@ -1,32 +1,35 @@
-"""Winograd's minimal filtering F(2x2, 3x3) for the fast path's wide 3x3 convolutions (CPU).
+"""Winograd's minimal filtering F(4x4, 3x3) for the fast path's wide 3x3 convolutions (CPU).
 
-A 3x3 convolution computes each 2x2 block of outputs from a 4x4 input tile with 36
+A 3x3 convolution computes each 4x4 block of outputs from a 6x6 input tile with 144
 multiplications per channel pair; Winograd's algorithm (Lavin & Gray, "Fast Algorithms for
-Convolutional Neural Networks", CVPR 2016) needs 16: with ``d`` the tile, ``g`` the 3x3 filter,
+Convolutional Neural Networks", CVPR 2016) needs 36: with ``d`` the tile, ``g`` the 3x3 filter,
 
-    Y = A^T [ (G g G^T) * (B^T d B) ] A            (* elementwise over the 4 x 4 positions)
+    Y = A^T [ (G g G^T) * (B^T d B) ] A            (* elementwise over the 6 x 6 positions)
 
-and the 16 positions' products summed over the input channels are 16 matrix products
-(tiles x input channels) @ (input channels x output channels). B^T and A^T hold only 0 and +-1
-(the input and output transforms are additions), G holds 0, +-1/2 and 1 and is applied to the
-weights once, in float64, rounded once to float32.
+and the 36 positions' products summed over the input channels are 36 matrix products
+(tiles x input channels) @ (input channels x output channels). The interpolation points are
+0, +-1, +-2 and infinity (Lavin & Gray's): B^T and A^T hold small integers (the transforms are
+additions and multiplications by 2, 4, 5 and 8), G holds fractions and is applied to the weights
+once, in float64, rounded once to float32. F(4x4, 3x3) was chosen over F(2x2, 3x3) (16
+multiplications per 2x2 tile, 2.25 per output against 4) by measurement: R50-FPN at 800 x 1216
+14% faster end to end, the same detections (README "Performance").
 
 The activations are read and written channels-last (NHWC), the layout of the fast path, so
 that every transform is a pass over contiguous channel vectors. The tiles go through in chunks
-of a few MiB of transformed input: a whole 1/4-scale map's transforms at once are four copies
-of the activations, far larger than the cache, and the passes over them cost more than the
+of a few MiB of transformed input: a whole 1/4-scale map's transforms at once are copies of the
+activations far larger than the cache, and the passes over them cost more than the
 multiplications saved (measured, README "Performance"); a chunk's transforms and product stay
 in the cache. Small maps that share the weights (the kernel head's levels) share a chunk, so
 their tiles go into one matrix product.
 
-Where it pays is measured, not assumed: for convolutions with at least 256 input and output
-channels (the FPN's output convs, ResNet's res4 and res5, the kernel head). Narrower ones (the
-mask-feature head's 128-channel outputs, res2 and res3) are as fast or faster direct.
+Where it pays is measured, not assumed (``fast.MIN_WINOGRAD_CHANNELS``): for convolutions with
+at least 128 input and output channels (the FPN's output convs, the mask-feature head, ResNet's
+res3 to res5, the kernel head); ResNet's 64-channel res2 is faster direct.
 
-Rounding differs from a direct convolution's (other sums in another order), by as much as
-another direct implementation's: against a float64 reference the largest error of both is a few
-1e-6 relative (``tests/test_winograd.py``). That is why it belongs to the fast path
-(``optimize_for_inference``), never to the model as built.
+Rounding differs from a direct convolution's (other sums in another order, and G's fractions):
+against a float64 reference the largest error is a few 1e-6 relative, a few times the direct
+convolution's (``tests/test_winograd.py``). That is why it belongs to the fast path
+(``optimize_for_inference``, the CPU inference copy), never to the model as built.
 """
 
 from typing import List, Optional, Tuple
@@ -37,10 +40,19 @@ from torch import nn
 
 __all__ = ["WinogradConv2d", "is_winograd_eligible", "transform_weight", "winograd_conv3x3"]
 
-# G of F(2x2, 3x3), interpolation points 0, 1, -1 and infinity.
-_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+# G of F(4x4, 3x3), interpolation points 0, 1, -1, 2, -2 and infinity.
+_G = (
+    (1 / 4, 0.0, 0.0),
+    (-1 / 6, -1 / 6, -1 / 6),
+    (-1 / 6, 1 / 6, -1 / 6),
+    (1 / 24, 1 / 12, 1 / 6),
+    (1 / 24, -1 / 12, 1 / 6),
+    (0.0, 0.0, 1.0),
+)
+TILE, OUT = 6, 4  # input tile and output block sides
+POSITIONS = TILE * TILE
 
-# Transformed input per matrix product, bytes (16 positions x tiles x input channels x 4): the
+# Transformed input per matrix product, bytes (36 positions x tiles x input channels x 4): the
 # chunk whose transforms stay in this CPU's cache (2 x 1 MiB L2, 32 MiB L3); 4-32 MiB measured
 # within noise of each other, whole maps 2-3x slower.
 CHUNK_BYTES = 16 << 20
@@ -63,49 +75,84 @@ def is_winograd_eligible(conv: nn.Module) -> bool:
 
 
 def transform_weight(weight: torch.Tensor) -> torch.Tensor:
-    """(O, I, 3, 3) filters -> (16, I, O): ``G g G^T`` at the 4 x 4 tile positions, row-major,
+    """(O, I, 3, 3) filters -> (36, I, O): ``G g G^T`` at the 6 x 6 tile positions, row-major,
     computed in float64 and rounded once to the weight's dtype."""
     g = torch.tensor(_G, dtype=torch.float64, device=weight.device)
     transformed = torch.einsum("ak,oikl,bl->abio", g, weight.double(), g)
-    return transformed.reshape(16, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
+    return (
+        transformed.reshape(POSITIONS, weight.shape[1], weight.shape[0])
+        .to(weight.dtype)
+        .contiguous()
+    )
+
+
+def _transform_input_1d(d: List[torch.Tensor], out: List[torch.Tensor]) -> None:
+    """``out = B^T d`` along one axis of the tiles: ``d`` the 6 tile rows (or columns) as views,
+    ``out`` 6 tensors written in place. B^T of F(4x4, 3x3):
+
+        [4  0 -5  0  1  0]     rows 1-4 share the sums d1 + d2, d3 + d4, d1 - d2, d4 - d3,
+        [0 -4 -4  1  1  0]     d4 - d2 and d3 - d1.
+        [0  4 -4 -1  1  0]
+        [0 -2 -1  2  1  0]
+        [0  2 -1 -2  1  0]
+        [0  4  0 -5  0  1]
+    """
+    d0, d1, d2, d3, d4, d5 = d
+    torch.add(d4, d0, alpha=4, out=out[0]).add_(d2, alpha=-5)
+    torch.add(d3 + d4, d1 + d2, alpha=-4, out=out[1])
+    torch.add(d4 - d3, d1 - d2, alpha=4, out=out[2])
+    d42, d31 = d4 - d2, d3 - d1
+    torch.add(d42, d31, alpha=2, out=out[3])
+    torch.add(d42, d31, alpha=-2, out=out[4])
+    torch.add(d5, d1, alpha=4, out=out[5]).add_(d3, alpha=-5)
+
+
+def _transform_output_1d(m: List[torch.Tensor], out: List[torch.Tensor]) -> None:
+    """``out = A^T m`` along one axis: ``m`` 6 tensors, ``out`` 4 written in place. A^T of
+    F(4x4, 3x3):
+
+        [1  1  1  1  1  0]
+        [0  1 -1  2 -2  0]
+        [0  1  1  4  4  0]
+        [0  1 -1  8 -8  1]
+    """
+    m0, m1, m2, m3, m4, m5 = m
+    s12, s34, d12, d34 = m1 + m2, m3 + m4, m1 - m2, m3 - m4
+    torch.add(s12, s34, out=out[0]).add_(m0)
+    torch.add(d12, d34, alpha=2, out=out[1])
+    torch.add(s12, s34, alpha=4, out=out[2])
+    torch.add(d12, d34, alpha=8, out=out[3]).add_(m5)
 
 
 def _input_transform(padded: torch.Tensor, tiles_h: int, tiles_w: int, out: torch.Tensor) -> None:
-    """Writes ``B^T d B`` of the 4 x 4 tiles (stride 2) of ``padded`` (N, 2 tiles_h + 2,
-    2 tiles_w + 2, C; NHWC, zero-padded) into ``out`` (16, N, tiles_h, tiles_w, C)."""
-    rows = [padded[:, i : i + 2 * tiles_h : 2] for i in range(4)]
-    # B^T along the rows: d0 - d2, d1 + d2, d2 - d1, d1 - d3.
-    rows = (rows[0] - rows[2], rows[1] + rows[2], rows[2] - rows[1], rows[1] - rows[3])
-    # The same along the columns, each result written into its position's slice.
-    for r, row in enumerate(rows):
-        cols = [row[:, :, j : j + 2 * tiles_w : 2] for j in range(4)]
-        torch.sub(cols[0], cols[2], out=out[4 * r])
-        torch.add(cols[1], cols[2], out=out[4 * r + 1])
-        torch.sub(cols[2], cols[1], out=out[4 * r + 2])
-        torch.sub(cols[1], cols[3], out=out[4 * r + 3])
+    """Writes ``B^T d B`` of the 6 x 6 tiles (stride 4) of ``padded`` (N, 4 tiles_h + 2,
+    4 tiles_w + 2, C; NHWC, zero-padded) into ``out`` (36, N, tiles_h, tiles_w, C)."""
+    n, _, width, channels = padded.shape
+    rows = padded.new_empty(TILE, n, tiles_h, width, channels)
+    # Along the tile rows (every column at once), then along the columns of each result.
+    _transform_input_1d([padded[:, i : i + OUT * tiles_h : OUT] for i in range(TILE)], list(rows))
+    out = out.view(TILE, TILE, n, tiles_h, tiles_w, channels)
+    for r in range(TILE):
+        columns = [rows[r][:, :, j : j + OUT * tiles_w : OUT] for j in range(TILE)]
+        _transform_input_1d(columns, list(out[r]))
 
 
 def _output_transform(
     products: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor
 ) -> None:
-    """Writes ``A^T m A`` (+ bias) of ``products`` (16, N, tiles_h, tiles_w, O) into ``out``
-    (N, 2 tiles_h, 2 tiles_w, O; NHWC)."""
-    m = products.unflatten(0, (4, 4))
-    # A^T along the rows: m0 + m1 + m2, m1 - m2 - m3.
-    top = m[0] + m[1]
-    top.add_(m[2])
-    bottom = m[1] - m[2]
-    bottom.sub_(m[3])
-    if bias is not None:  # column 1 enters all four outputs of a tile with coefficient +1
-        top[1].add_(bias)
-        bottom[1].add_(bias)
+    """Writes ``A^T m A`` (+ bias) of ``products`` (36, N, tiles_h, tiles_w, O) into ``out``
+    (N, 4 tiles_h, 4 tiles_w, O; NHWC)."""
+    m = products.unflatten(0, (TILE, TILE))
     n, tiles_h, tiles_w, channels = products.shape[1:]
-    # Output pixel (2 i + a, 2 j + b) of tile (i, j) at [:, i, a, j, b].
-    blocks = out.view(n, tiles_h, 2, tiles_w, 2, channels)
-    for a, rows in enumerate((top, bottom)):
-        left, right = blocks[:, :, a, :, 0], blocks[:, :, a, :, 1]
-        torch.add(rows[0], rows[1], out=left).add_(rows[2])
-        torch.sub(rows[1], rows[2], out=right).sub_(rows[3])
+    rows = products.new_empty(OUT, TILE, n, tiles_h, tiles_w, channels)
+    for c in range(TILE):  # along the rows, column position by column position
+        _transform_output_1d([m[r, c] for r in range(TILE)], [rows[a, c] for a in range(OUT)])
+    # Output pixel (4 i + a, 4 j + b) of tile (i, j) at [:, i, a, j, b].
+    blocks = out.view(n, tiles_h, OUT, tiles_w, OUT, channels)
+    for a in range(OUT):
+        _transform_output_1d(list(rows[a]), [blocks[:, :, a, :, b] for b in range(OUT)])
+    if bias is not None:
+        out.add_(bias)
 
 
 def _chunks(tile_grids: List[Tuple[int, int, int]], max_tiles: int):
@@ -132,35 +179,39 @@ def winograd_conv3x3(
     inputs: List[torch.Tensor], transformed: torch.Tensor, bias: Optional[torch.Tensor] = None
 ) -> List[torch.Tensor]:
     """``F.conv2d(x, weight, bias, padding=1)`` for each (N, C, H, W) ``x`` of ``inputs`` by
-    F(2x2, 3x3). ``transformed``: ``transform_weight(weight)``. Each output has its input's
+    F(4x4, 3x3). ``transformed``: ``transform_weight(weight)``. Each output has its input's
     memory format (channels-last inputs, the fast path's, are the fast ones)."""
     channels, out_channels = transformed.shape[1:]
     padded, outputs, grids = [], [], []
     for x in inputs:
         n, _, h, w = x.shape
-        tiles_h, tiles_w = -(-h // 2), -(-w // 2)
+        tiles_h, tiles_w = -(-h // OUT), -(-w // OUT)
         nhwc = x.permute(0, 2, 3, 1)
-        padded.append(F.pad(nhwc, (0, 0, 1, 2 * tiles_w + 1 - w, 1, 2 * tiles_h + 1 - h)))
-        outputs.append(x.new_empty(n, 2 * tiles_h, 2 * tiles_w, out_channels))
+        pad = (0, 0, 1, OUT * tiles_w + 1 - w, 1, OUT * tiles_h + 1 - h)
+        padded.append(F.pad(nhwc, pad))
+        outputs.append(x.new_empty(n, OUT * tiles_h, OUT * tiles_w, out_channels))
         grids.append((n, tiles_h, tiles_w))
-    max_tiles = max(1, CHUNK_BYTES // (16 * channels * transformed.element_size()))
+    max_tiles = max(1, CHUNK_BYTES // (POSITIONS * channels * transformed.element_size()))
     for chunk in _chunks(grids, max_tiles):
         sizes = [grids[i][0] * (stop - start) * grids[i][2] for i, start, stop in chunk]
-        columns = transformed.new_empty(16, sum(sizes), channels)
+        columns = transformed.new_empty(POSITIONS, sum(sizes), channels)
         offset = 0
         for (index, start, stop), size in zip(chunk, sizes):
             n, _, tiles_w = grids[index]
-            piece = columns[:, offset : offset + size].view(16, n, stop - start, tiles_w, channels)
-            _input_transform(
-                padded[index][:, 2 * start : 2 * stop + 2], stop - start, tiles_w, piece
+            piece = columns[:, offset : offset + size].view(
+                POSITIONS, n, stop - start, tiles_w, channels
             )
+            rows = padded[index][:, OUT * start : OUT * stop + 2]
+            _input_transform(rows, stop - start, tiles_w, piece)
             offset += size
         products = torch.bmm(columns, transformed)
         offset = 0
         for (index, start, stop), size in zip(chunk, sizes):
             n, _, tiles_w = grids[index]
-            piece = products[:, offset : offset + size].view(16, n, stop - start, tiles_w, -1)
-            _output_transform(piece, bias, outputs[index][:, 2 * start : 2 * stop])
+            piece = products[:, offset : offset + size].view(
+                POSITIONS, n, stop - start, tiles_w, -1
+            )
+            _output_transform(piece, bias, outputs[index][:, OUT * start : OUT * stop])
             offset += size
     results = []
     for x, y in zip(inputs, outputs):
@@ -207,4 +258,4 @@ class WinogradConv2d(nn.Module):
         return outputs[0] if single else outputs
 
     def extra_repr(self) -> str:
-        return f"{self.in_channels}, {self.out_channels}, kernel_size=(3, 3), F(2x2, 3x3)"
+        return f"{self.in_channels}, {self.out_channels}, kernel_size=(3, 3), F(4x4, 3x3)"
