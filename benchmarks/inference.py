@@ -22,14 +22,16 @@ Three PyTorch forms of the same weights run in the same process, their timed run
 - exact: the same model object under ``torch.inference_mode`` with its own
   ``postprocess_single_image`` (masks thresholded and counted at 1/4 resolution, class-aware
   box-restricted ``matrix_nms``, only the final detections upsampled, chunk by chunk, with the
-  defined rounding of ``mask_upsample.py``). This is what ``SOLOv2.forward`` does by default.
+  defined rounding of ``mask_upsample.py``). This is what ``SOLOv2.forward`` does with
+  ``MODEL.SOLOV2.FAST_INFERENCE False`` (and whenever autograd records or off the CPU).
   Its predictions equal ``postprocess_single_image_reference``'s bit for bit (tests); against
   the official form they agree to float rounding (matmul vs conv2d soft masks, the upsampling's
   defined rounding vs ``F.interpolate``'s), which the comparison columns show.
 - fast: exact plus ``optimize_for_inference`` (FrozenBN folded into the convs, channels-last and
-  the kernel head's 3x3 convs by Winograd F(2x2, 3x3) on the CPU): faster convolutions, float
-  rounding of a different order, so scores and masks may differ in the last bits and a
-  detection at a threshold may flip (counted below).
+  the 3x3 convs of >= 128 channels by Winograd F(4x4, 3x3) on the CPU): what ``SOLOv2.forward``
+  runs by default on the CPU (``MODEL.SOLOV2.FAST_INFERENCE``, an optimized copy of the
+  networks). Faster convolutions, float rounding of a different order, so scores and masks may
+  differ in the last bits and a detection at a threshold may flip (counted below).
 
 Exported forms (``--backends``, default onnxruntime and openvino-f32; openvino-bf16 on request):
 the same calibrated model exported with ``solov2_d2.export.export_model`` to ONNX in a temporary
@@ -252,6 +254,9 @@ def run_images(runner, inputs, batch):
 
 SCORE_TOLERANCE = 1e-4
 IOU_TOLERANCE = 0.999
+# "The same detections" of the speed targets: the export issue's tolerance (matched by class,
+# scores within 1e-4, mask IoU >= 0.99), the one tests/test_export.py holds the runtimes to.
+SAME_DETECTIONS_IOU = 0.99
 
 
 def _mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -264,16 +269,18 @@ def compare(reference, candidate):
 
     "identical" is the benchmark's definition: the same number of instances, and a one-to-one
     matching in which every pair has the same class, scores within SCORE_TOLERANCE and mask IoU
-    >= IOU_TOLERANCE. Instances are matched, not compared by rank, because two detections whose
-    scores differ by less than float rounding may trade places. "bitwise": all outputs equal.
+    >= IOU_TOLERANCE. "same" (the speed targets' "same detections"): the same with mask IoU
+    >= SAME_DETECTIONS_IOU. Instances are matched, not compared by rank, because two detections
+    whose scores differ by less than float rounding may trade places. "bitwise": all outputs
+    equal.
     """
-    summary = dict(bitwise=True, identical=True, instances=0, unmatched=0, swapped=0)
+    summary = dict(bitwise=True, identical=True, same=True, instances=0, unmatched=0, swapped=0)
     summary.update(max_score_diff=0.0, min_mask_iou=1.0)
     for a, b in zip(reference, candidate):
         a, b = a["instances"].to("cpu"), b["instances"].to("cpu")
         summary["instances"] += len(a)
         if len(a) != len(b):
-            summary.update(bitwise=False, identical=False)
+            summary.update(bitwise=False, identical=False, same=False)
             summary["unmatched"] += abs(len(a) - len(b))
         elif not (
             torch.equal(a.scores, b.scores)
@@ -293,7 +300,7 @@ def compare(reference, candidate):
             ]
             if not options:
                 summary["unmatched"] += 1
-                summary["identical"] = False
+                summary.update(identical=False, same=False)
                 continue
             ious = [_mask_iou(a.pred_masks[i], b.pred_masks[j]) for j in options]
             best = max(range(len(options)), key=ious.__getitem__)
@@ -304,6 +311,7 @@ def compare(reference, candidate):
             summary["max_score_diff"] = max(summary["max_score_diff"], score_diff)
             summary["min_mask_iou"] = min(summary["min_mask_iou"], ious[best])
     summary["identical"] &= summary["min_mask_iou"] >= IOU_TOLERANCE
+    summary["same"] &= summary["min_mask_iou"] >= SAME_DETECTIONS_IOU
     return summary
 
 
@@ -447,10 +455,16 @@ def verdict(agreement) -> str:
         text = "bitwise identical"
     elif agreement["identical"]:
         text = "identical"
+    elif agreement["same"]:
+        text = (
+            f"the same detections (min mask IoU {agreement['min_mask_iou']:.4f}: < "
+            f"{IOU_TOLERANCE}, >= {SAME_DETECTIONS_IOU})"
+        )
     elif agreement["unmatched"]:
-        text = f"NOT identical: {agreement['unmatched']} unmatched"
-    else:  # all matched by class and score, some mask below IOU_TOLERANCE
-        text = f"NOT identical: min mask IoU {agreement['min_mask_iou']:.4f} < {IOU_TOLERANCE}"
+        text = f"NOT the same: {agreement['unmatched']} unmatched"
+    else:  # all matched by class and score, some mask below SAME_DETECTIONS_IOU
+        iou = agreement["min_mask_iou"]
+        text = f"NOT the same: min mask IoU {iou:.4f} < {SAME_DETECTIONS_IOU}"
     if agreement["swapped"]:
         text += f", {agreement['swapped']} swapped ranks"
     return f"{text} ({agreement['instances']} instances)"
@@ -503,16 +517,7 @@ def target_lines(rows):
             continue
         speedup = baseline["ms"]["total"] / row["ms"]["total"]
         agreement = row["agreement"]
-        identical = (
-            "bitwise identical"
-            if agreement["bitwise"]
-            else (
-                "identical by the definition (same count and classes, scores within 1e-4, mask IoU "
-                ">= 0.999)"
-                if agreement["identical"]
-                else "NOT identical"
-            )
-        )
+        identical = verdict(agreement)
         lines.append(
             f"- R50-FPN 800 x 1216, batch 1, {form}: {speedup:.2f}x faster than official, "
             f"predictions {identical} (all forms in one process here; the >= 2.5x target is "
@@ -537,7 +542,7 @@ def target_lines(rows):
                 lines.append(
                     f"- {config}, batch 1, {form}: {speedup:.2f}x the exact PyTorch form end to "
                     f"end (target >= 1.5x with the same detections: "
-                    f"{'met' if speedup >= 1.5 and agreement['identical'] else 'NOT met'}; "
+                    f"{'met' if speedup >= 1.5 and agreement['same'] else 'NOT met'}; "
                     f"vs official: {verdict(agreement)})."
                 )
         for form in ALL_FORMS:

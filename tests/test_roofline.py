@@ -42,7 +42,7 @@ def test_conv_flops_by_hand():
     # Twice the calls, twice the count; the hooks are gone afterwards.
     assert roofline.count_conv_flops(model, lambda: (model(x), model(x))) == 2 * 168960
     assert all(not m._forward_hooks for m in model.modules())
-    # Only the 3x3 stride-1 ungrouped conv is one Winograd's F(2x2, 3x3) computes.
+    # Only the 3x3 stride-1 ungrouped conv is one Winograd's F(4x4, 3x3) computes.
     assert [roofline.is_winograd_conv(m) for m in (dense, grouped, strided)] == [True, False, False]
     assert roofline.count_conv_flops(model, lambda: model(x), roofline.is_winograd_conv) == 103680
 
@@ -91,9 +91,44 @@ def test_bound_and_verdict_by_hand():
     }
     # 160 GFLOP at 100 GFLOP/s.
     assert roofline.bound_ms(result, 100e9) == pytest.approx(1600)
-    # Winograd: the 90 GFLOP of 3x3 convs take 16/36 of their multiplications: 160 - 50.
-    assert roofline.bound_ms(result, 100e9, winograd=True) == pytest.approx(1100)
+    # Winograd F(4x4, 3x3): the 90 GFLOP of 3x3 convs take 36/144 of their multiplications:
+    # 160 - 67.5.
+    assert roofline.bound_ms(result, 100e9, winograd=True) == pytest.approx(925)
     assert roofline._verdict(1600, 1500).startswith("NOT reachable")
     assert roofline._verdict(1000, 2000) == (
         "reachable only at 50% of the attainable rate over the whole image"
     )
+
+
+def test_agreement_definitions_by_hand():
+    """inference.compare, which the speed targets' "same detections" rest on: bitwise,
+    identical (mask IoU >= 0.999) and the same (>= 0.99) by hand."""
+    from detectron2.structures import Boxes, Instances
+
+    compare = _roofline().inference.compare
+
+    def result(scores, classes, masks):
+        instances = Instances((10, 100))
+        instances.scores = torch.tensor(scores)
+        instances.pred_classes = torch.tensor(classes)
+        instances.pred_masks = masks
+        instances.pred_boxes = Boxes(torch.zeros(len(scores), 4))
+        return [{"instances": instances}]
+
+    masks = torch.zeros(2, 10, 100, dtype=torch.bool)
+    masks[0, :, :50] = True  # 500 pixels
+    masks[1, :, 50:] = True
+    reference = result([0.9, 0.5], [1, 2], masks)
+    assert compare(reference, reference)["bitwise"]
+    # Two pixels off the first mask: IoU 498 / 500 = 0.996, the scores 5e-5 apart, swapped.
+    moved = masks.clone()
+    moved[0, 0, :2] = False
+    other = result([0.5, 0.90005], [2, 1], moved[[1, 0]])
+    summary = compare(reference, other)
+    assert not summary["bitwise"] and not summary["identical"] and summary["same"]
+    assert summary["swapped"] == 2 and summary["min_mask_iou"] == pytest.approx(0.996)
+    # Ten pixels off (IoU 0.98): not the same; a class changed: unmatched.
+    moved[0, 0, :10] = False
+    assert not compare(reference, result([0.9, 0.5], [1, 2], moved))["same"]
+    changed = compare(reference, result([0.9, 0.5], [1, 1], masks))
+    assert changed["unmatched"] == 1 and not changed["same"]

@@ -63,7 +63,7 @@ def export_model(
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {model_format!r}")
     if any(isinstance(module, WinogradConv2d) for module in model.modules()):
         raise ValueError(
-            "the model's kernel head runs Winograd convolutions (optimize_for_inference): export "
+            "the model runs Winograd convolutions (optimize_for_inference): export "
             "the model as built, or optimized with winograd=False; the runtimes choose their own "
             "convolution algorithms"
         )

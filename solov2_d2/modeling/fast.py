@@ -14,22 +14,26 @@
    interpolation, max pooling, addition) has an NHWC kernel as well.
 
 3. On the CPU, the wide 3x3 stride-1 convolutions run by Winograd's F(4x4, 3x3)
-   (``winograd.py``): 16 instead of 36 multiplications per 2x2 output tile. Those of the kernel
+   (``winograd.py``): 36 instead of 144 multiplications per 4x4 output tile. Those of the kernel
    head (its two towers and predictors), every level's tiles in one matrix product since the
    levels share the towers, and elsewhere those with at least ``MIN_WINOGRAD_CHANNELS`` input
    and output channels (the FPN's output convs, the mask-feature head, ResNet's res3 to res5).
 
 All three change float rounding only: folding computes ``conv(x, w * s) + b'`` instead of
-``conv(x, w) * s + b``, and NHWC convolutions sum in another order. A trained model keeps its
-detections (same instances and classes; scores and masks differ by float rounding, see
-``tests/test_fast_path.py`` and ``benchmarks/inference.py``). The transformed model is meant for
-inference only: its batch norm statistics are baked into the weights.
+``conv(x, w) * s + b``, NHWC convolutions sum in another order, Winograd with other
+coefficients. A model keeps its detections (same instances and classes; scores and masks differ
+by float rounding, a detection at a threshold may flip: ``tests/test_fast_path.py`` and
+``benchmarks/inference.py``). The transformed model is meant for inference only: its batch norm
+statistics are baked into the weights.
 
-That is why these transforms are opt-in. The model as built is already the fast *exact* form:
-its postprocess never upsamples a mask it will not return, and its predictions are bitwise those
-of the straightforward implementation (``postprocess_single_image_reference``). Use
-``optimize_for_inference`` where the last float bits of a score may change (serving, demos);
-keep the plain model where results must reproduce exactly (evaluation, regression tests).
+``SOLOv2.forward`` applies them by itself (``MODEL.SOLOV2.FAST_INFERENCE``, the default): in
+eval mode on the CPU without autograd it runs ``InferenceCopy``, an optimized copy of its
+networks, and leaves its own modules as built (they train, save and export unchanged).
+``MODEL.SOLOV2.FAST_INFERENCE False`` gives the exact form, whose predictions are bitwise those
+of the straightforward implementation (``postprocess_single_image_reference``): use it where
+results must reproduce bit for bit (regression tests, comparisons with another code base).
+``optimize_for_inference(model)`` transforms a model in place, for scripts that want the fast
+networks themselves (the benchmarks).
 """
 
 import copy
