@@ -6,6 +6,7 @@ import torch
 from detectron2.modeling import build_model
 
 from solov2_d2.modeling import native
+from solov2_d2.modeling.fast import InferenceCopy
 
 from .conftest import tiny_cfg
 
@@ -41,8 +42,10 @@ def test_concurrent_calls_equal_sequential_calls():
         expected = [_as_tuple(model(_inputs(seed))) for seed in range(NUM_THREADS)]
     assert all(result[0].shape[0] > 0 and result[0].any() for result in expected)
 
-    # The first calls of the threads race for the kernels' loading and self-checks too.
+    # The first calls of the threads race for the kernels' loading and self-checks too, and for
+    # the build of the CPU inference copy (MODEL.SOLOV2.FAST_INFERENCE): one is built, the same.
     native._forget()
+    model._inference_copy = InferenceCopy()
     results = [None] * NUM_THREADS
     errors = []
     barrier = threading.Barrier(NUM_THREADS)
@@ -65,3 +68,4 @@ def test_concurrent_calls_equal_sequential_calls():
     for seed in range(NUM_THREADS):
         for got, want in zip(results[seed], expected[seed]):
             assert torch.equal(got, want), seed
+    assert model._inference_copy._networks is not None

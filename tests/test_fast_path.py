@@ -3,8 +3,11 @@
 - ``postprocess_single_image`` (the model's) against ``postprocess_single_image_reference``
   (every candidate upsampled, dense Matrix NMS): bitwise equal, on random candidates and on a
   model's head outputs.
-- ``optimize_for_inference`` (FrozenBN folded, channels-last): the same detections up to float
-  rounding, i.e. same number of instances and classes, scores within 1e-4, mask IoU >= 0.999.
+- ``optimize_for_inference`` (FrozenBN folded, channels-last, Winograd): the same detections up
+  to float rounding, i.e. same number of instances and classes, scores within 1e-4, mask IoU
+  >= 0.999.
+- The CPU forward's optimized copy (``MODEL.SOLOV2.FAST_INFERENCE``): the same, with the model's
+  own modules untouched and the copy following changes of the weights.
 """
 
 import copy

@@ -38,6 +38,7 @@ networks themselves (the benchmarks).
 
 import copy
 import logging
+import threading
 from itertools import chain
 from typing import Optional, Sequence
 
@@ -193,6 +194,7 @@ class InferenceCopy:
     def __init__(self):
         self._key = None
         self._networks = None
+        self._lock = threading.Lock()  # concurrent first calls build one copy
 
     def __deepcopy__(self, memo):
         return InferenceCopy()  # a copied model builds its own (its tensors are new)
@@ -207,16 +209,19 @@ class InferenceCopy:
 
     def networks(
         self, model: nn.Module, names: Sequence[str] = ("backbone", "ins_head", "mask_head")
-    ):
+    ) -> nn.ModuleDict:
         """The optimized copies of ``model``'s ``names`` submodules, as a ``ModuleDict``."""
         originals = [getattr(model, name) for name in names]
         key = self._version_key(originals)
-        if self._networks is None or key != self._key:
+        with self._lock:
+            if self._networks is not None and key == self._key:
+                return self._networks
             self._networks = None  # free the old copy before building the new one
             with torch.inference_mode(False), torch.no_grad():
-                networks = copy.deepcopy(nn.ModuleDict(zip(names, originals)))
-                self._networks = optimize_for_inference(networks)
-            self._key = key
+                networks = optimize_for_inference(
+                    copy.deepcopy(nn.ModuleDict(zip(names, originals)))
+                )
+            self._networks, self._key = networks, key
             if not InferenceCopy._announced:
                 InferenceCopy._announced = True
                 logging.getLogger(__name__).info(
@@ -224,4 +229,4 @@ class InferenceCopy:
                     "norm folded, channels-last, Winograd convs; same detections, last float "
                     "bits differ); MODEL.SOLOV2.FAST_INFERENCE=False runs the exact form."
                 )
-        return self._networks
+            return networks
