@@ -297,12 +297,15 @@ def test_inference_without_detections_is_well_typed(model):
     assert instances.pred_classes.dtype == torch.int64
 
 
-def test_mixed_size_batch_equals_single_images(detecting_model):
+@pytest.mark.parametrize("form, score_tol", [("exact", 1e-5), ("fast", 1e-4)])
+def test_mixed_size_batch_equals_single_images(detecting_model, form, score_tol):
     """Images of different sizes that pad to the same 64 x 64 tensor alone and in the batch get
     their single-image detections, each cropped to its own size and resized to its own request.
     (Float rounding of a batched forward may differ from single ones on some builds: same
-    detections up to rounding, not bit for bit.)"""
-    model = detecting_model.eval()
+    detections up to rounding, not bit for bit; the fast form's Winograd convolutions and
+    oneDNN's kernels are chosen by shape, so its batch rounds further from one image's.)"""
+    model = copy.deepcopy(detecting_model).eval()
+    model.fast_inference = form == "fast"
     small = dict(other_synthetic_input(), height=100, width=90)
     small["image"] = small["image"][:, :50, :45]
     large = synthetic_input(64, 64)
@@ -312,7 +315,7 @@ def test_mixed_size_batch_equals_single_images(detecting_model):
     assert batched[0]["instances"].image_size == (100, 90)
     assert batched[1]["instances"].image_size == (64, 64)
     for b, a in zip(batched, alone):
-        assert_same_detections(b["instances"], a["instances"], score_tol=1e-5, min_iou=0.99)
+        assert_same_detections(b["instances"], a["instances"], score_tol=score_tol, min_iou=0.99)
         assert torch.equal(
             b["instances"].pred_boxes.tensor, masks_to_boxes(b["instances"].pred_masks)
         )
