@@ -186,8 +186,8 @@ class InferenceCopy:
     or buffer of the originals changed (loaded, trained, moved: every in-place change bumps a
     tensor's version counter). A plain attribute, not a submodule: no state-dict keys, and the
     model's own modules are never modified, so it trains and saves as built. The copy costs
-    about twice the networks' weights in memory (channels-last weights and Winograd's transformed
-    filters beside the originals)."""
+    several times the networks' weights in memory (channels-last weights, and Winograd's
+    transformed filters, 4x each 3x3 filter, beside the originals; README "Known limits")."""
 
     _announced = False
 

@@ -52,9 +52,9 @@ _G = (
 TILE, OUT = 6, 4  # input tile and output block sides
 POSITIONS = TILE * TILE
 
-# Transformed input per matrix product, bytes (36 positions x tiles x input channels x 4): the
-# chunk whose transforms stay in this CPU's cache (2 x 1 MiB L2, 32 MiB L3); 4-32 MiB measured
-# within noise of each other, whole maps 2-3x slower.
+# Transformed input per matrix product, bytes (36 positions x tiles x input channels x 4): a
+# chunk whose transforms stay in this CPU's cache (2 x 1 MiB L2, 32 MiB L3), about 6 tile rows of
+# a 256-channel 1/4-scale map; chunks of that order measured fastest, whole maps 2-3x slower.
 CHUNK_BYTES = 16 << 20
 
 
